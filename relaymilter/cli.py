@@ -1,0 +1,250 @@
+"""The ``relaymilter`` command: run, check-config, explain, inspect-cert."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from typing import Any, Dict, List, Optional, Sequence
+
+from . import __version__
+from .certfiles import CertificateFile, CertificateFileError, load_certificate_file
+from .certnames import normalize_certificate_name
+from .config import ConfigError, load_config
+from .domains import parent_domains
+from .journal import configure_logging
+from .model import DEFAULT_CONFIG_PATH, Config
+from .networks import parse_client_address
+from .policy import Transaction
+from .tlsidentity import certificate_from_mapping
+
+EXIT_OK = 0
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+_TIME = "%Y-%m-%d %H:%M:%S"
+
+
+def default_config_path() -> str:
+    return os.environ.get("RELAYMILTER_CONFIG") or DEFAULT_CONFIG_PATH
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="relaymilter",
+        description="Relay-policy milter: Exchange Online's ATTR36 rule for Postfix and Sendmail.",
+    )
+    parser.add_argument("--version", action="version", version=f"relaymilter {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    def config_option(p: argparse.ArgumentParser) -> None:
+        p.add_argument(
+            "-c",
+            "--config",
+            default=None,
+            metavar="FILE",
+            help=f"config file (default: $RELAYMILTER_CONFIG or {DEFAULT_CONFIG_PATH})",
+        )
+
+    run = sub.add_parser("run", help="run the milter in the foreground")
+    config_option(run)
+    run.add_argument("--socket", metavar="SPEC", help="listen here instead of the config's socket")
+
+    check = sub.add_parser("check-config", help="validate the config file")
+    config_option(check)
+
+    explain = sub.add_parser("explain", help="show the decision the milter would make")
+    config_option(explain)
+    explain.add_argument("--client-address", required=True, metavar="IP")
+    explain.add_argument("--cert-subject", metavar="S", help="Postfix: subject CN; Sendmail: DN")
+    explain.add_argument("--cert-issuer", metavar="S", help="Postfix: issuer CN; Sendmail: DN")
+    explain.add_argument("--verify", metavar="V", help="Sendmail's {verify}, e.g. OK")
+    explain.add_argument("--cert-fingerprint", metavar="FP", help="Sendmail's {cert_fp}/{cert_md5}")
+    explain.add_argument(
+        "--mail-from", required=True, metavar="ADDR", help="'' or '<>' is the null sender"
+    )
+    explain.add_argument("--rcpt", required=True, action="append", metavar="ADDR")
+    explain.add_argument("--json", action="store_true", help="machine-readable output")
+
+    inspect = sub.add_parser("inspect-cert", help="show what relaymilter sees in certificate files")
+    config_option(inspect)
+    inspect.add_argument("certificates", nargs="+", metavar="CERT.pem")
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    path = args.config or default_config_path()
+    if args.command == "run":
+        configure_logging(logging.INFO)
+        from .daemon import run  # pymilter is needed only here
+
+        return run(path, args.socket)
+    if args.command == "check-config":
+        return check_config(path)
+    if args.command == "explain":
+        return explain(path, args)
+    return inspect_certificates(
+        path if args.config or os.path.exists(path) else None, args.certificates
+    )
+
+
+def _load_or_report(path: str) -> Optional[Config]:
+    try:
+        return load_config(path)
+    except ConfigError as exc:
+        print(f"relaymilter: {len(exc.issues)} error(s) in {path}:", file=sys.stderr)
+        for issue in exc.issues:
+            print(f"  {issue}", file=sys.stderr)
+        return None
+
+
+def check_config(path: str) -> int:
+    config = _load_or_report(path)
+    if config is None:
+        return EXIT_ERROR
+    print(f"{path}: OK: {config.summary()}")
+    for warning in config.warnings:
+        print(f"warning: {warning}")
+    return EXIT_OK
+
+
+def explain(path: str, args: argparse.Namespace) -> int:
+    config = _load_or_report(path)
+    if config is None:
+        return EXIT_ERROR
+    address = parse_client_address(args.client_address)
+    if address is None:
+        print(f"relaymilter: {args.client_address!r} is not an IP address", file=sys.stderr)
+        return EXIT_USAGE
+    macros = {
+        "{cert_subject}": args.cert_subject,
+        "{cert_issuer}": args.cert_issuer,
+        "{verify}": args.verify,
+        "{cert_fp}": args.cert_fingerprint,
+    }
+    transaction = Transaction(config, address, certificate_from_mapping(macros), args.mail_from)
+    decisions = [transaction.decide(rcpt) for rcpt in args.rcpt]
+    attribution = transaction.attribution
+    result: Dict[str, Any] = {
+        "attribution": {
+            "organization": attribution.organization.name if attribution else None,
+            "connector": attribution.connector_name if attribution else None,
+            "kind": attribution.kind if attribution else None,
+        },
+        "mode": config.mode,
+        "recipients": [
+            {
+                "recipient": d.recipient,
+                "action": "reject" if d.action == "reject" else "continue",
+                "reason": d.reason,
+                "reply": str(d.reply) if d.reply is not None and d.action == "reject" else None,
+            }
+            for d in decisions
+        ],
+    }
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return EXIT_OK
+    if attribution is None:
+        print("attribution: none (relaymilter does not interfere; the MTA's own rules decide)")
+    else:
+        how = (
+            f"certificate name {attribution.certificate_name}"
+            if attribution.certificate_name
+            else "client address"
+        )
+        print(
+            f"attribution: organization {attribution.organization.name}, connector "
+            f"{attribution.connector_name} ({attribution.kind}, by {how})"
+        )
+    for decision in decisions:
+        reply = f": {decision.reply}" if decision.reply is not None else ""
+        print(f"<{decision.recipient}>: {decision.action} ({decision.reason}){reply}")
+    return EXIT_OK
+
+
+def inspect_certificates(path: Optional[str], files: List[str]) -> int:
+    config = _load_or_report(path) if path else None
+    if path and config is None:
+        return EXIT_ERROR
+    status = EXIT_OK
+    for name in files:
+        try:
+            cert = load_certificate_file(name)
+        except CertificateFileError as exc:
+            print(f"relaymilter: {exc}", file=sys.stderr)
+            status = EXIT_ERROR
+            continue
+        for line in describe(cert, config):
+            print(line)
+    return status
+
+
+def describe(cert: CertificateFile, config: Optional[Config]) -> List[str]:
+    lines = [
+        f"{cert.path}:",
+        f"  subject:     {cert.subject}",
+        f"  issuer:      {cert.issuer}",
+        f"  subject CN:  {cert.subject_cn or '-'}",
+        f"  issuer CN:   {cert.issuer_cn or '-'}",
+        f"  DNS SANs:    {', '.join(cert.dns_names) or '-'}",
+        f"  valid:       {cert.not_before:{_TIME}} to {cert.not_after:{_TIME}} UTC",
+        f"  SHA-256:     {cert.sha256}",
+    ]
+    warnings = []
+    problem = cert.validity_problem()
+    if problem:
+        warnings.append(f"the certificate is {problem}")
+    if cert.self_signed:
+        warnings.append(
+            "self-signed: MTAs do not pass untrusted certificates on, so it never attributes"
+        )
+    if cert.dns_names:
+        warnings.append(
+            "MTAs pass only the subject CN to milters: list this file under a connector's "
+            "certificates: for its SANs to count"
+        )
+    if config is not None:
+        lines.extend(_connector_matches(cert, config, warnings))
+    lines.extend(f"  warning: {w}" for w in warnings)
+    return lines
+
+
+def _connector_matches(cert: CertificateFile, config: Config, warnings: List[str]) -> List[str]:
+    lines = []
+    for raw in (cert.subject_cn, *cert.dns_names):
+        name = normalize_certificate_name(raw)
+        if name is None:
+            continue
+        matches = [
+            f"{ref.organization.name}/{ref.connector.name}"
+            + (
+                ""
+                if ref.connector.admits_issuer(cert.issuer_cn)
+                else " (but its trusted_issuers exclude this issuer)"
+            )
+            for _, ref in config.certificate_connectors.lookup(name)
+        ]
+        lines.append(
+            f"  name {name}: " + (", ".join(matches) if matches else "matches no connector")
+        )
+        if not matches:
+            warnings.extend(_registration_hint(name, config))
+    return lines
+
+
+def _registration_hint(name: str, config: Config) -> List[str]:
+    """The seed's note: mail.contoso.com is rarely registered; *.contoso.com is the fix."""
+    bare = name[2:] if name.startswith("*.") else name
+    for organization in config.organizations:
+        for parent in parent_domains(bare):
+            if organization.accepts(parent):
+                return [
+                    f"{name} is not registered with any organization; a connector "
+                    f"tls_sender_certificate_name: '*.{parent}' in organization "
+                    f"{organization.name!r} would match it ({parent} is registered)"
+                ]
+    return [f"{name} is under no accepted domain of any organization"]

@@ -1,0 +1,643 @@
+"""Loading the YAML config file into the immutable model, with every error reported at once.
+
+Each error names the file, the line and the key path, e.g.
+``relaymilter.yml:14: organizations[0].connectors[1].sender_ip_addresses[2]: …``.
+The same code path serves ``run``, reload and ``check-config``.
+"""
+
+from __future__ import annotations
+
+import difflib
+import ipaddress
+import os
+import re
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
+
+import yaml
+from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
+
+from .certfiles import CertificateFile, CertificateFileError, load_certificate_file
+from .certnames import CertificatePattern, PatternError, normalize_certificate_name, parse_pattern
+from .domains import normalize_domain, parent_domains
+from .model import (
+    DEFAULT_REJECT_CODE,
+    DEFAULT_REJECT_STATUS,
+    DEFAULT_REJECT_TEXT,
+    DEFAULT_SOCKET,
+    MODE_ENFORCE,
+    MODE_MONITOR,
+    ON_ERROR_ACCEPT,
+    ON_ERROR_TEMPFAIL,
+    AcceptedDomain,
+    Config,
+    Connector,
+    Organization,
+    Reply,
+    build_indexes,
+)
+from .networks import IPNetwork
+from .socketspec import SocketSpecError, parse_socket_spec
+
+# libmilter refuses longer reply lines (MAXREPLYLEN 980) with the code in front.
+_MAX_REPLY_TEXT = 900
+
+
+@dataclass(frozen=True)
+class ConfigIssue:
+    """One error or warning about the config file."""
+
+    file: str
+    line: Optional[int]
+    path: str
+    message: str
+
+    def __str__(self) -> str:
+        where = f"{self.file}:{self.line}" if self.line else self.file
+        return f"{where}: {self.path}: {self.message}" if self.path else f"{where}: {self.message}"
+
+
+class ConfigError(Exception):
+    """The config file is unusable; ``issues`` lists every error found."""
+
+    def __init__(self, issues: Sequence[ConfigIssue]) -> None:
+        self.issues = list(issues)
+        super().__init__("\n".join(str(issue) for issue in self.issues))
+
+
+def load_config(path: str) -> Config:
+    """Read, validate and build the config at ``path``; raise ConfigError listing every error."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            text = handle.read()
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        issue = ConfigIssue(path, None, "", f"cannot read the config file: {reason}")
+        raise ConfigError([issue]) from None
+    return parse_config(text, path)
+
+
+def parse_config(text: str, path: str) -> Config:
+    """Validate and build a config from YAML text; ``path`` names it in messages."""
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = mark.line + 1 if mark is not None else None
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError([ConfigIssue(path, line, "", f"not valid YAML: {problem}")]) from None
+    reader = _Reader(path)
+    config = reader.read_root(root)
+    if reader.errors or config is None:
+        raise ConfigError(sorted(reader.errors, key=lambda issue: issue.line or 0))
+    return config
+
+
+_Field = Tuple[ScalarNode, Node]
+_constructor = yaml.constructor.SafeConstructor()
+
+
+class _Reader:
+    """Walks the YAML node tree, checking it against the schema and collecting issues."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.errors: List[ConfigIssue] = []
+        self.warnings: List[ConfigIssue] = []
+        self._base_dir = os.path.dirname(os.path.abspath(path))
+        self._order = 0
+
+    # -- reporting ---------------------------------------------------------
+
+    def error(self, node: Optional[Node], path: str, message: str) -> None:
+        self.errors.append(ConfigIssue(self.path, _line(node), path, message))
+
+    def warn(self, node: Optional[Node], path: str, message: str) -> None:
+        self.warnings.append(ConfigIssue(self.path, _line(node), path, message))
+
+    # -- generic shapes ----------------------------------------------------
+
+    def fields(
+        self, node: Node, path: str, allowed: Sequence[str], required: Sequence[str] = ()
+    ) -> Optional[Dict[str, _Field]]:
+        """The keys of a mapping node, with unknown, duplicate and missing keys reported."""
+        if not isinstance(node, MappingNode):
+            self.error(node, path, f"must be a mapping with keys {', '.join(allowed)}")
+            return None
+        found: Dict[str, _Field] = {}
+        for key_node, value_node in node.value:
+            key = key_node.value if isinstance(key_node, ScalarNode) else None
+            key_path = _join(path, str(key))
+            if not isinstance(key, str) or key not in allowed:
+                hint = difflib.get_close_matches(str(key), allowed, n=1)
+                extra = f"; did you mean {hint[0]!r}?" if hint else ""
+                self.error(
+                    key_node, key_path, f"unknown key{extra} (allowed: {', '.join(allowed)})"
+                )
+            elif key in found:
+                self.error(key_node, key_path, "duplicate key")
+            else:
+                found[key] = (key_node, value_node)
+        for key in required:
+            if key not in found:
+                self.error(node, _join(path, key), "required key is missing")
+        return found
+
+    def scalar(self, node: Node, path: str, kinds: Tuple[type, ...], what: str) -> Any:
+        if not isinstance(node, ScalarNode):
+            self.error(node, path, f"must be {what}")
+            return None
+        value = _constructor.construct_object(node)
+        # bool is an int subclass; "yes" must not pass as a number or vice versa.
+        if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
+            self.error(node, path, f"must be {what}, not {_describe(value)}")
+            return None
+        return value
+
+    def string(self, node: Node, path: str) -> Optional[str]:
+        value = self.scalar(node, path, (str,), "a string")
+        if isinstance(value, str) and not value.strip():
+            self.error(node, path, "must not be empty")
+            return None
+        return value if isinstance(value, str) else None
+
+    def choice(self, node: Node, path: str, choices: Sequence[str]) -> Optional[str]:
+        value = self.string(node, path)
+        if value is not None and value not in choices:
+            self.error(node, path, f"must be one of {', '.join(choices)}, not {value!r}")
+            return None
+        return value
+
+    def sequence(self, node: Node, path: str, what: str) -> List[Node]:
+        if not isinstance(node, SequenceNode):
+            self.error(node, path, f"must be a list of {what}")
+            return []
+        return list(node.value)
+
+    # -- sections ----------------------------------------------------------
+
+    def read_root(self, root: Optional[Node]) -> Optional[Config]:
+        if root is None:
+            self.error(None, "", "the config file is empty")
+            return None
+        allowed = ("socket", "mode", "on_error", "reject", "organizations")
+        fields = self.fields(root, "", allowed, required=("organizations",))
+        if fields is None:
+            return None
+        socket = self.read_socket(fields.get("socket"))
+        mode = MODE_ENFORCE
+        if "mode" in fields:
+            mode = self.choice(fields["mode"][1], "mode", (MODE_ENFORCE, MODE_MONITOR)) or mode
+        on_error = ON_ERROR_TEMPFAIL
+        if "on_error" in fields:
+            choices = (ON_ERROR_TEMPFAIL, ON_ERROR_ACCEPT)
+            on_error = self.choice(fields["on_error"][1], "on_error", choices) or on_error
+        reject = self.read_reject(fields.get("reject"))
+        organizations: Tuple[Organization, ...] = ()
+        if "organizations" in fields:
+            organizations = self.read_organizations(fields["organizations"][1])
+        if self.errors:
+            return None
+        self.check_overlaps(organizations)
+        if mode == MODE_MONITOR:
+            self.warn(fields["mode"][1], "mode", "monitor mode: refusals are only logged")
+        if on_error == ON_ERROR_ACCEPT:
+            self.warn(fields["on_error"][1], "on_error", "internal errors will let mail through")
+        ip_table, names, files = build_indexes(organizations)
+        return Config(
+            path=self.path,
+            socket=socket,
+            mode=mode,
+            on_error=on_error,
+            reject=reject,
+            organizations=organizations,
+            warnings=tuple(str(w) for w in self.warnings),
+            ip_connectors=ip_table,
+            certificate_connectors=names,
+            certificate_files=files,
+        )
+
+    def read_socket(self, field: Optional[_Field]) -> str:
+        if field is None:
+            return DEFAULT_SOCKET
+        value = self.string(field[1], "socket")
+        if value is None:
+            return DEFAULT_SOCKET
+        try:
+            parse_socket_spec(value)
+        except SocketSpecError as exc:
+            self.error(field[1], "socket", str(exc))
+        return value
+
+    def read_reject(self, field: Optional[_Field]) -> Reply:
+        default = Reply(DEFAULT_REJECT_CODE, DEFAULT_REJECT_STATUS, DEFAULT_REJECT_TEXT)
+        if field is None:
+            return default
+        fields = self.fields(field[1], "reject", ("code", "status", "text"))
+        if fields is None:
+            return default
+        code, status, text = default.code, default.status, default.text
+        if "code" in fields:
+            node = fields["code"][1]
+            value = self.scalar(node, "reject.code", (int, str), "a 3-digit SMTP reply code")
+            if value is not None and re.fullmatch(r"[45][0-9][0-9]", str(value)):
+                code = str(value)
+            elif value is not None:
+                self.error(node, "reject.code", f"must be a 4xx or 5xx reply code, not {value!r}")
+        if "status" in fields:
+            node = fields["status"][1]
+            value = self.string(node, "reject.status")
+            if value is not None and re.fullmatch(r"[45]\.[0-9]{1,3}\.[0-9]{1,3}", value):
+                status = value
+            elif value is not None:
+                self.error(
+                    node,
+                    "reject.status",
+                    f"must be an enhanced status code like 5.7.64, not {value!r}",
+                )
+        if "text" in fields:
+            node = fields["text"][1]
+            value = self.string(node, "reject.text")
+            if value is not None and self.reply_text_ok(node, value):
+                text = value
+        if code[0] != status[0]:
+            self.error(
+                field[1],
+                "reject",
+                f"code {code} and status {status} disagree (both must be 4xx/4.x.x or 5xx/5.x.x)",
+            )
+        return Reply(code, status, text)
+
+    def reply_text_ok(self, node: Node, text: str) -> bool:
+        if any(ord(ch) < 32 or ord(ch) == 127 for ch in text):
+            self.error(node, "reject.text", "must be one line without control characters")
+            return False
+        if len(text) > _MAX_REPLY_TEXT:
+            self.error(node, "reject.text", f"is longer than {_MAX_REPLY_TEXT} characters")
+            return False
+        return True
+
+    def read_organizations(self, node: Node) -> Tuple[Organization, ...]:
+        items = self.sequence(node, "organizations", "organizations")
+        if isinstance(node, SequenceNode) and not items:
+            self.error(node, "organizations", "must list at least one organization")
+        seen: Dict[str, int] = {}
+        organizations = []
+        for index, item in enumerate(items):
+            path = f"organizations[{index}]"
+            organization = self.read_organization(item, path)
+            if organization is None:
+                continue
+            if organization.name in seen:
+                self.error(
+                    item, path + ".name", f"duplicate organization name {organization.name!r}"
+                )
+            seen[organization.name] = index
+            organizations.append(organization)
+        return tuple(organizations)
+
+    def read_organization(self, node: Node, path: str) -> Optional[Organization]:
+        allowed = ("name", "accepted_domains", "connectors")
+        fields = self.fields(node, path, allowed, required=allowed)
+        if fields is None or "name" not in fields:
+            return None
+        name = self.string(fields["name"][1], path + ".name")
+        domains: Tuple[AcceptedDomain, ...] = ()
+        if "accepted_domains" in fields:
+            domains = self.read_accepted_domains(
+                fields["accepted_domains"][1], path + ".accepted_domains"
+            )
+        if name is None:
+            return None
+        probe = Organization(name, domains, ())
+        connectors: Tuple[Connector, ...] = ()
+        if "connectors" in fields:
+            connectors = self.read_connectors(fields["connectors"][1], path + ".connectors", probe)
+        return Organization(name, domains, connectors)
+
+    def read_accepted_domains(self, node: Node, path: str) -> Tuple[AcceptedDomain, ...]:
+        items = self.sequence(node, path, "domains")
+        if isinstance(node, SequenceNode) and not items:
+            self.error(node, path, "must list at least one domain")
+        domains: Dict[str, AcceptedDomain] = {}
+        for index, item in enumerate(items):
+            item_path = f"{path}[{index}]"
+            accepted = self.read_accepted_domain(item, item_path)
+            if accepted is None:
+                continue
+            if accepted.domain in domains:
+                self.warn(item, item_path, f"{accepted.domain} is listed twice")
+                accepted = AcceptedDomain(
+                    accepted.domain,
+                    accepted.match_subdomains or domains[accepted.domain].match_subdomains,
+                )
+            domains[accepted.domain] = accepted
+        return tuple(domains.values())
+
+    def read_accepted_domain(self, node: Node, path: str) -> Optional[AcceptedDomain]:
+        match_subdomains = False
+        domain_node: Node = node
+        domain_path = path
+        if isinstance(node, MappingNode):
+            fields = self.fields(node, path, ("domain", "match_subdomains"), required=("domain",))
+            if fields is None or "domain" not in fields:
+                return None
+            domain_node, domain_path = fields["domain"][1], path + ".domain"
+            if "match_subdomains" in fields:
+                flag = self.scalar(
+                    fields["match_subdomains"][1],
+                    path + ".match_subdomains",
+                    (bool,),
+                    "true or false",
+                )
+                match_subdomains = bool(flag)
+        elif not isinstance(node, ScalarNode):
+            self.error(node, path, "must be a domain or a mapping {domain: …, match_subdomains: …}")
+            return None
+        text = self.string(domain_node, domain_path)
+        if text is None:
+            return None
+        domain = normalize_domain(text)
+        if domain is None or "*" in domain:
+            hint = " (use match_subdomains: true instead of a wildcard)" if "*" in text else ""
+            self.error(domain_node, domain_path, f"{text!r} is not a valid domain name{hint}")
+            return None
+        return AcceptedDomain(domain, match_subdomains)
+
+    def read_connectors(
+        self, node: Node, path: str, organization: Organization
+    ) -> Tuple[Connector, ...]:
+        items = self.sequence(node, path, "connectors")
+        if isinstance(node, SequenceNode) and not items:
+            self.warn(
+                node,
+                path,
+                f"organization {organization.name!r} has no connectors: "
+                "nothing is attributed to it",
+            )
+        names: Set[str] = set()
+        connectors = []
+        for index, item in enumerate(items):
+            item_path = f"{path}[{index}]"
+            connector = self.read_connector(item, item_path, organization)
+            if connector is None:
+                continue
+            if connector.name in names:
+                self.error(
+                    item,
+                    item_path + ".name",
+                    f"duplicate connector name {connector.name!r} "
+                    f"in organization {organization.name!r}",
+                )
+            names.add(connector.name)
+            connectors.append(connector)
+        return tuple(connectors)
+
+    def read_connector(
+        self, node: Node, path: str, organization: Organization
+    ) -> Optional[Connector]:
+        allowed = (
+            "name",
+            "sender_ip_addresses",
+            "tls_sender_certificate_name",
+            "trusted_issuers",
+            "certificates",
+        )
+        fields = self.fields(node, path, allowed, required=("name",))
+        if fields is None or "name" not in fields:
+            return None
+        name = self.string(fields["name"][1], path + ".name")
+        networks: Tuple[IPNetwork, ...] = ()
+        if "sender_ip_addresses" in fields:
+            networks = self.read_networks(
+                fields["sender_ip_addresses"][1], path + ".sender_ip_addresses"
+            )
+        pattern = None
+        if "tls_sender_certificate_name" in fields:
+            pattern = self.read_pattern(
+                fields["tls_sender_certificate_name"][1], path + ".tls_sender_certificate_name"
+            )
+        has_pattern = "tls_sender_certificate_name" in fields
+        issuers = self.read_issuers(
+            fields.get("trusted_issuers"), path + ".trusted_issuers", has_pattern
+        )
+        certificates = self.read_certificates(
+            fields.get("certificates"), path + ".certificates", has_pattern
+        )
+        if not has_pattern and "sender_ip_addresses" not in fields:
+            self.error(
+                node,
+                path,
+                "a connector needs sender_ip_addresses, tls_sender_certificate_name, or both",
+            )
+        if name is None:
+            return None
+        if pattern is not None:
+            self.check_registration(
+                fields["tls_sender_certificate_name"][1], path, name, pattern, organization
+            )
+            self.check_certificate_names(fields.get("certificates"), path, pattern, certificates)
+        self._order += 1
+        return Connector(
+            name=name,
+            organization=organization.name,
+            order=self._order,
+            sender_ip_addresses=networks,
+            certificate_pattern=pattern,
+            trusted_issuers=issuers,
+            certificates=certificates,
+        )
+
+    def read_networks(self, node: Node, path: str) -> Tuple[IPNetwork, ...]:
+        items = self.sequence(node, path, "IP addresses or CIDR networks")
+        if isinstance(node, SequenceNode) and not items:
+            self.error(node, path, "must list at least one address or network")
+        networks = []
+        for index, item in enumerate(items):
+            item_path = f"{path}[{index}]"
+            text = self.string(item, item_path)
+            if text is None:
+                continue
+            network = self.parse_network(item, item_path, text.strip())
+            if network is not None:
+                networks.append(network)
+        return tuple(networks)
+
+    def parse_network(self, node: Node, path: str, text: str) -> Optional[IPNetwork]:
+        try:
+            network = ipaddress.ip_network(text, strict=True)
+        except ValueError as exc:
+            try:
+                loose = ipaddress.ip_network(text, strict=False)
+            except ValueError:
+                self.error(node, path, f"{text!r} is not an IP address or CIDR network ({exc})")
+                return None
+            self.error(node, path, f"{text!r} has host bits set; did you mean {loose}?")
+            return None
+        if isinstance(network, ipaddress.IPv6Network) and network.subnet_of(
+            ipaddress.IPv6Network("::ffff:0:0/96")
+        ):
+            self.error(
+                node,
+                path,
+                f"{text!r} is IPv4-mapped; write the IPv4 form (clients are matched as IPv4)",
+            )
+            return None
+        return network
+
+    def read_pattern(self, node: Node, path: str) -> Optional[CertificatePattern]:
+        text = self.string(node, path)
+        if text is None:
+            return None
+        try:
+            return parse_pattern(text.strip())
+        except PatternError as exc:
+            self.error(node, path, str(exc))
+            return None
+
+    def read_issuers(self, field: Optional[_Field], path: str, has_pattern: bool) -> frozenset[str]:
+        if field is None:
+            return frozenset()
+        if not has_pattern:
+            self.error(
+                field[0], path, "only applies to a connector with tls_sender_certificate_name"
+            )
+        items = self.sequence(field[1], path, "issuer common names")
+        if isinstance(field[1], SequenceNode) and not items:
+            self.error(field[1], path, "must list at least one issuer (or leave the key out)")
+        issuers = [self.string(item, f"{path}[{i}]") for i, item in enumerate(items)]
+        return frozenset(issuer.strip().casefold() for issuer in issuers if issuer)
+
+    def read_certificates(
+        self, field: Optional[_Field], path: str, has_pattern: bool
+    ) -> Tuple[CertificateFile, ...]:
+        if field is None:
+            return ()
+        if not has_pattern:
+            self.error(
+                field[0], path, "only applies to a connector with tls_sender_certificate_name"
+            )
+        certificates = []
+        for index, item in enumerate(self.sequence(field[1], path, "certificate file paths")):
+            item_path = f"{path}[{index}]"
+            name = self.string(item, item_path)
+            if name is None:
+                continue
+            try:
+                certificates.append(load_certificate_file(os.path.join(self._base_dir, name)))
+            except CertificateFileError as exc:
+                self.error(item, item_path, str(exc))
+        return tuple(certificates)
+
+    # -- cross-checks ------------------------------------------------------
+
+    def check_registration(
+        self,
+        node: Node,
+        path: str,
+        name: str,
+        pattern: CertificatePattern,
+        organization: Organization,
+    ) -> None:
+        """The seed's step 3b: the connector's domain must be registered with its organization."""
+        if organization.accepts(pattern.domain):
+            return
+        where = path + ".tls_sender_certificate_name"
+        if pattern.wildcard:
+            self.error(
+                node,
+                where,
+                f"connector {name!r}: {pattern.text!r} needs {pattern.domain} registered with "
+                f"organization {organization.name!r}; add {pattern.domain} to its accepted_domains",
+            )
+            return
+        registered = next(
+            (p for p in parent_domains(pattern.domain) if organization.accepts(p)), None
+        )
+        if registered is not None:
+            remedy = (
+                f"use '*.{registered}' (as Exchange's Hybrid Configuration Wizard does; "
+                f"{registered} is registered) or add {pattern.domain} to accepted_domains"
+            )
+        else:
+            remedy = (
+                f"register {pattern.domain} (or a parent domain and use a '*.' name) "
+                "in accepted_domains"
+            )
+        self.error(
+            node,
+            where,
+            f"connector {name!r}: {pattern.text!r} is not a domain registered with "
+            f"organization {organization.name!r}; {remedy}",
+        )
+
+    def check_certificate_names(
+        self,
+        field: Optional[_Field],
+        path: str,
+        pattern: CertificatePattern,
+        certificates: Tuple[CertificateFile, ...],
+    ) -> None:
+        for index, cert in enumerate(certificates):
+            item_path = f"{path}.certificates[{index}]"
+            node = field[1] if field else None
+            names = [normalize_certificate_name(n) for n in (cert.subject_cn, *cert.dns_names)]
+            if not any(n is not None and pattern.matches(n) for n in names):
+                self.warn(
+                    node, item_path, f"{cert.path}: none of its names matches {pattern.text!r}"
+                )
+            problem = cert.validity_problem()
+            if problem:
+                self.warn(node, item_path, f"{cert.path}: certificate {problem}")
+
+    def check_overlaps(self, organizations: Tuple[Organization, ...]) -> None:
+        """Warn when IP connectors of different organizations cover the same addresses."""
+        # One sweep over the networks sorted by (version, first address):
+        # O(n log n), so a config with 10,000 connectors is still quick to check.
+        spans = sorted(
+            (
+                net.version,
+                int(net.network_address),
+                int(net.broadcast_address),
+                org.name,
+                conn.name,
+                str(net),
+            )
+            for org in organizations
+            for conn in org.connectors
+            if not conn.is_certificate_connector
+            for net in conn.sender_ip_addresses
+        )
+        reported: Set[Tuple[str, str]] = set()
+        open_spans: List[Tuple[int, int, int, str, str, str]] = []
+        for span in spans:
+            version, start, _end, org, conn, text = span
+            open_spans = [s for s in open_spans if s[0] == version and s[2] >= start]
+            for other in open_spans:
+                pair = (other[3], org)
+                if other[3] != org and pair not in reported:
+                    reported.add(pair)
+                    self.warn(
+                        None,
+                        "organizations",
+                        f"IP connectors overlap: {other[5]} ({other[3]}/{other[4]}) and {text} "
+                        f"({org}/{conn}); the organization accepting the sender's domain wins, "
+                        "else the first in file order",
+                    )
+            open_spans.append(span)
+
+
+def _line(node: Optional[Node]) -> Optional[int]:
+    return node.start_mark.line + 1 if node is not None else None
+
+
+def _join(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else key
+
+
+def _describe(value: object) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return f"boolean {str(value).lower()}"
+    return f"{type(value).__name__} {value!r}"

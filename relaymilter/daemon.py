@@ -1,0 +1,166 @@
+"""``relaymilter run``: load the config, open the milter socket, serve, reload on SIGUSR1.
+
+Signals: libmilter runs its own thread that ``sigwait``s for SIGHUP, SIGTERM and
+SIGINT and treats each of them as "stop". A Python handler could not reliably
+see SIGHUP before libmilter does, so reload is SIGUSR1, taken by a thread of
+ours with ``sigwait``. All four signals are blocked in the main thread before
+any thread starts, so every thread inherits the mask and each signal reaches
+exactly the thread that waits for it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+from typing import Optional
+
+import Milter
+import milter
+
+from .config import ConfigError, load_config
+from .milter import RelayMilter
+from .model import Config
+from .notify import ServiceNotifier
+from .socketspec import SocketSpec, SocketSpecError, parse_socket_spec
+
+logger = logging.getLogger("relaymilter")
+
+MILTER_NAME = "relaymilter"
+RELOAD_SIGNAL = signal.SIGUSR1
+_BLOCKED_SIGNALS = {signal.SIGHUP, signal.SIGTERM, signal.SIGINT, RELOAD_SIGNAL}
+
+
+class Daemon:
+    def __init__(self, config_path: str, socket_override: Optional[str]) -> None:
+        self.config_path = config_path
+        self.socket_override = socket_override
+        self.socket = ""
+        self.notifier: Optional[ServiceNotifier] = None
+
+    def status(self) -> str:
+        config = RelayMilter.current_config
+        return f"{config.summary()}; {RelayMilter.counter.describe()}"
+
+    def run(self) -> int:
+        config = self._load_initial()
+        if config is None:
+            return 1
+        self.socket = self.socket_override or config.socket
+        try:
+            spec = parse_socket_spec(self.socket)
+        except SocketSpecError as exc:
+            logger.error("cannot start: --socket %s", exc)
+            return 1
+        RelayMilter.current_config = config
+        signal.pthread_sigmask(signal.SIG_BLOCK, _BLOCKED_SIGNALS)
+        if not self._open_socket(spec):
+            return 1
+        self.notifier = ServiceNotifier(self.socket, self.status)
+        logger.info("listening on %s: %s (%s)", self.socket, config.summary(), self.config_path)
+        self.notifier.ready()
+        self.notifier.start_watchdog()
+        threading.Thread(target=self._reload_loop, name="reload", daemon=True).start()
+        try:
+            milter.main()
+        except milter.error as exc:
+            logger.error("milter stopped with an error: %s", exc)
+            return 1
+        finally:
+            self.notifier.stopping()
+        logger.info("stopped: %s", RelayMilter.counter.describe())
+        return 0
+
+    def _load_initial(self) -> Optional[Config]:
+        try:
+            config = load_config(self.config_path)
+        except ConfigError as exc:
+            logger.error(
+                "cannot start: %d error(s) in %s:\n%s", len(exc.issues), self.config_path, exc
+            )
+            return None
+        for warning in config.warnings:
+            logger.warning("config: %s", warning)
+        return config
+
+    def _open_socket(self, spec: SocketSpec) -> bool:
+        _register_callbacks()
+        milter.setconn(self.socket)
+        milter.register(
+            MILTER_NAME,
+            data=lambda ctx: ctx.getpriv().data(),
+            unknown=lambda ctx, cmd: ctx.getpriv().unknown(cmd),
+            negotiate=Milter.negotiate_callback,
+        )
+        if spec.is_unix and spec.path and not os.path.isdir(os.path.dirname(spec.path)):
+            logger.error("cannot start: directory %s does not exist", os.path.dirname(spec.path))
+            return False
+        # A unix socket is born 0660 (never world-writable): the MTA reaches it
+        # through group membership.
+        previous = os.umask(0o117) if spec.is_unix else None
+        try:
+            milter.opensocket(True)
+        except milter.error as exc:
+            logger.error("cannot start: cannot listen on %s: %s", self.socket, exc)
+            return False
+        finally:
+            if previous is not None:
+                os.umask(previous)
+        if spec.is_unix and spec.path:
+            os.chmod(spec.path, 0o660)
+        return True
+
+    def _reload_loop(self) -> None:
+        while True:
+            signal.sigwait({RELOAD_SIGNAL})
+            self.reload()
+
+    def reload(self) -> bool:
+        """Build and validate a new config; swap it in, or keep the old one and say why."""
+        if self.notifier:
+            self.notifier.reloading()
+        try:
+            config = load_config(self.config_path)
+        except ConfigError as exc:
+            logger.error(
+                "reload: failed, keeping the previous configuration: %d error(s) in %s:\n%s",
+                len(exc.issues),
+                self.config_path,
+                exc,
+            )
+            return False
+        except Exception:
+            logger.error("reload: failed, keeping the previous configuration", exc_info=True)
+            return False
+        finally:
+            if self.notifier:
+                self.notifier.reloaded()
+        for warning in config.warnings:
+            logger.warning("config: %s", warning)
+        if not self.socket_override and config.socket != self.socket:
+            logger.warning(
+                "reload: socket changed to %s; it takes effect on restart", config.socket
+            )
+        RelayMilter.current_config = config
+        logger.info("reload: loaded %s: %s", self.config_path, config.summary())
+        return True
+
+
+def _register_callbacks() -> None:
+    """Route libmilter's callbacks to the per-connection RelayMilter (as Milter.runmilter does)."""
+    Milter.factory = RelayMilter
+    milter.set_connect_callback(Milter.connect_callback)
+    milter.set_helo_callback(lambda ctx, host: ctx.getpriv().hello(host))
+    milter.set_envfrom_callback(lambda ctx, *b: ctx.getpriv().envfrom_bytes(*b))
+    milter.set_envrcpt_callback(lambda ctx, *b: ctx.getpriv().envrcpt_bytes(*b))
+    milter.set_header_callback(lambda ctx, f, v: ctx.getpriv().header_bytes(f, v))
+    milter.set_eoh_callback(lambda ctx: ctx.getpriv().eoh())
+    milter.set_body_callback(lambda ctx, chunk: ctx.getpriv().body(chunk))
+    milter.set_eom_callback(lambda ctx: ctx.getpriv().eom())
+    milter.set_abort_callback(lambda ctx: ctx.getpriv().abort())
+    milter.set_close_callback(Milter.close_callback)
+
+
+def run(config_path: str, socket_override: Optional[str]) -> int:
+    return Daemon(config_path, socket_override).run()

@@ -1,0 +1,84 @@
+"""Domain and envelope-address normalisation, shared by the config and the traffic.
+
+Domains are compared lowercase, with one trailing dot removed, in IDNA A-label
+form. A domain that cannot be normalised is represented by ``None`` and matches
+nothing; so is an address literal such as ``[192.0.2.1]``, which is never an
+accepted domain.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator, Optional
+
+# RFC 1035 limits; an over-long name cannot be a real domain, and the IDNA codec
+# enforces the per-label limit for us.
+_MAX_DOMAIN_LENGTH = 253
+
+
+def normalize_domain(text: str) -> Optional[str]:
+    """Return the comparison form of a domain, or None if it cannot be normalised."""
+    name = text.strip()
+    if name.endswith("."):
+        name = name[:-1]
+    if not name or name.startswith("[") or name.endswith("."):
+        return None
+    try:
+        if name.isascii():
+            # The codec leaves ASCII labels as they are, so lowercase first; it
+            # still rejects empty and over-long labels.
+            ascii_name = name.lower().encode("idna").decode("ascii")
+        else:
+            ascii_name = name.encode("idna").decode("ascii").lower()
+    except UnicodeError:
+        return None
+    if len(ascii_name) > _MAX_DOMAIN_LENGTH or ".." in ascii_name:
+        return None
+    return ascii_name
+
+
+def parent_domains(domain: str) -> Iterator[str]:
+    """Yield ``domain`` and then each proper suffix: a.b.c, b.c, c."""
+    while True:
+        yield domain
+        dot = domain.find(".")
+        if dot < 0:
+            return
+        domain = domain[dot + 1 :]
+
+
+@dataclass(frozen=True)
+class EnvelopeAddress:
+    """An envelope address as given at MAIL FROM or RCPT TO."""
+
+    #: The address without angle brackets and source route ("" for the null sender).
+    address: str
+    #: Normalised domain, or None (null sender, no domain, literal, unnormalisable).
+    domain: Optional[str]
+
+    @property
+    def is_null(self) -> bool:
+        return self.address == ""
+
+
+def strip_envelope(text: str) -> str:
+    """Remove surrounding whitespace, angle brackets and any source route."""
+    address = text.strip()
+    if address.startswith("<"):
+        end = address.rfind(">")
+        address = address[1:end] if end > 0 else address[1:]
+    address = address.strip()
+    # A source route "@a,@b:user@domain" (RFC 5321 4.1.2) precedes the mailbox.
+    if address.startswith("@"):
+        colon = address.find(":")
+        address = address[colon + 1 :] if colon >= 0 else ""
+    return address
+
+
+def parse_envelope_address(text: str) -> EnvelopeAddress:
+    """Parse a MAIL FROM / RCPT TO argument such as ``<user@example.com>``."""
+    address = strip_envelope(text)
+    at = address.rfind("@")
+    if at < 0:
+        return EnvelopeAddress(address, None)
+    return EnvelopeAddress(address, normalize_domain(address[at + 1 :]))

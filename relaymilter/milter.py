@@ -1,0 +1,228 @@
+"""The pymilter adapter: one RelayMilter per SMTP connection, judging each RCPT TO.
+
+Thin by design: it reads the envelope and the MTA's macros, hands them to
+``relaymilter.policy`` and turns the decision into a milter reply. It
+negotiates away every protocol step it does not use and asks the MTA for the
+macros it needs itself (so attaching it needs no ``milter_*_macros`` edits).
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+from typing import Any, List, Optional
+
+import Milter
+
+from .domains import strip_envelope
+from .logfmt import escape, log_fields
+from .model import ON_ERROR_TEMPFAIL, TEMPFAIL_REPLY, Config, Reply
+from .networks import IPAddress, parse_client_address
+from .policy import ACTION_REJECT, Decision, Transaction
+from .tlsidentity import certificate_from_macros
+
+logger = logging.getLogger("relaymilter")
+
+#: Macros asked for at MAIL FROM. Both MTAs compute TLS macros at any stage, so
+#: asking here (not only at EHLO) still works when a client skips the second
+#: EHLO after STARTTLS. libmilter keeps them for the whole transaction.
+MAIL_MACROS = ("{cert_subject}", "{cert_issuer}", "{verify}", "{cn_subject}", "{cn_issuer}")
+#: Macros asked for at RCPT TO: the queue id (Postfix sets it only after the
+#: first accepted recipient) and Sendmail's certificate fingerprints.
+RCPT_MACROS = ("i", "{cert_fp}", "{cert_md5}")
+
+_connection_ids = itertools.count(1)
+
+# pymilter's constants, typed.
+CONTINUE: int = Milter.CONTINUE
+REJECT: int = Milter.REJECT
+TEMPFAIL: int = Milter.TEMPFAIL
+
+
+class DecisionCounter:
+    """Decisions so far, for the service status line."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.total = 0
+        self.rejected = 0
+        self.errors = 0
+
+    def count(self, decision: Optional[Decision]) -> None:
+        with self._lock:
+            if decision is None:
+                self.errors += 1
+                return
+            self.total += 1
+            if decision.action == ACTION_REJECT:
+                self.rejected += 1
+
+    def describe(self) -> str:
+        return f"{self.total} decisions, {self.rejected} rejected, {self.errors} internal errors"
+
+
+class RelayMilter(Milter.Base):  # type: ignore[misc]
+    """The milter for one SMTP connection."""
+
+    #: The configuration new connections use; reload swaps this one reference.
+    current_config: Config
+    counter = DecisionCounter()
+
+    def __init__(self) -> None:
+        # Captured once: a reload never changes a connection halfway through.
+        self.config = RelayMilter.current_config
+        self.connection_id = next(_connection_ids)
+        self.client_address: Optional[IPAddress] = None
+        self.client_label = "unknown"
+        self.mail_from = ""
+        self.transaction: Optional[Transaction] = None
+        self.failed_in: Optional[str] = None
+
+    # -- negotiation -------------------------------------------------------
+
+    def negotiate(self, opts: List[int]) -> Any:
+        """Ask for no modification actions, only the protocol steps we use, and our macros."""
+        try:
+            offered_actions, offered_protocol, _, _ = opts
+            self._actions = offered_actions & Milter.SETSYMLIST
+            if self._actions:
+                # The C call directly: Milter.Base.setsymlist in pymilter 1.0.5
+                # passes bytes where the extension wants str.
+                self._ctx.setsymlist(Milter.M_ENVFROM, " ".join(MAIL_MACROS))
+                self._ctx.setsymlist(Milter.M_ENVRCPT, " ".join(RCPT_MACROS))
+            opts[0] = self._actions
+            opts[1] = self._protocol = offered_protocol & ~self.protocol_mask()
+            opts[2] = opts[3] = 0
+            return CONTINUE
+        except Exception:
+            logger.error("conn=%d negotiate failed", self.connection_id, exc_info=True)
+            return Milter.ALL_OPTS
+
+    # -- callbacks ---------------------------------------------------------
+
+    @Milter.noreply
+    def connect(self, hostname: str, family: int, hostaddr: Any) -> int:
+        try:
+            text = hostaddr[0] if isinstance(hostaddr, tuple) and hostaddr else None
+            self.client_address = parse_client_address(text)
+            self.client_label = (
+                str(self.client_address) if self.client_address else escape(str(hostaddr))
+            )
+        except Exception:
+            self._note_failure("connect")
+        return CONTINUE
+
+    @Milter.noreply
+    def envfrom(self, mailfrom: str, *params: str) -> int:
+        # A new transaction: nothing of the previous one carries over.
+        self.mail_from = mailfrom
+        self.transaction = None
+        return CONTINUE
+
+    def envrcpt(self, to: str, *params: str) -> int:
+        try:
+            if self.failed_in is not None:
+                raise RuntimeError(f"earlier failure in {self.failed_in}")
+            if self.transaction is None:
+                presented = certificate_from_macros(self.getsymval)
+                self.transaction = Transaction(
+                    self.config, self.client_address, presented, self.mail_from
+                )
+            decision = self.transaction.decide(to)
+            self._log_decision(decision, to)
+            RelayMilter.counter.count(decision)
+            if decision.action == ACTION_REJECT and decision.reply is not None:
+                return self._refuse(decision.reply)
+            return CONTINUE
+        except Exception:
+            return self._internal_error("envrcpt", to)
+
+    def abort(self) -> int:
+        self.transaction = None
+        return CONTINUE
+
+    # -- helpers -----------------------------------------------------------
+
+    def _queue_id(self) -> str:
+        try:
+            return self.getsymval("i") or "NOQUEUE"
+        except Exception:
+            return "NOQUEUE"
+
+    def _refuse(self, reply: Reply) -> int:
+        # Sendmail uses the text as a printf format; Postfix turns %% back into %.
+        self.setreply(reply.code, reply.status, reply.text.replace("%", "%%"))
+        return REJECT if reply.is_permanent else TEMPFAIL
+
+    def _note_failure(self, where: str) -> None:
+        # A no-reply callback must not fail: remember, and answer at RCPT.
+        logger.error(
+            "conn=%d client=%s internal error in %s",
+            self.connection_id,
+            self.client_label,
+            where,
+            exc_info=True,
+        )
+        self.failed_in = where
+
+    def _internal_error(self, where: str, recipient: str) -> int:
+        logger.error(
+            "conn=%d queue_id=%s client=%s to=<%s> internal error in %s; answering per on_error=%s",
+            self.connection_id,
+            self._queue_id(),
+            self.client_label,
+            escape(strip_envelope(recipient)),
+            where,
+            self.config.on_error,
+            exc_info=True,
+            extra=log_fields(
+                action="tempfail", queue_id=self._queue_id(), client_address=self.client_label
+            ),
+        )
+        RelayMilter.counter.count(None)
+        if self.config.on_error != ON_ERROR_TEMPFAIL:
+            return CONTINUE
+        try:
+            self.setreply(TEMPFAIL_REPLY.code, TEMPFAIL_REPLY.status, TEMPFAIL_REPLY.text)
+        except Exception:
+            logger.error("conn=%d setreply failed", self.connection_id, exc_info=True)
+        return TEMPFAIL
+
+    def _log_decision(self, decision: Decision, recipient: str) -> None:
+        transaction = self.transaction
+        attribution = transaction.attribution if transaction else None
+        queue_id = self._queue_id()
+        organization = attribution.organization.name if attribution else None
+        connector = attribution.connector_name if attribution else None
+        kind = attribution.kind if attribution else None
+        certificate = attribution.certificate_name if attribution else None
+        sender = escape(transaction.sender.address if transaction else self.mail_from)
+        rcpt = escape(decision.recipient or recipient)
+        logger.info(
+            "decision conn=%d queue_id=%s client=%s organization=%s connector=%s kind=%s "
+            "certificate=%s from=<%s> to=<%s> action=%s reason=%s",
+            self.connection_id,
+            escape(queue_id),
+            self.client_label,
+            escape(organization),
+            escape(connector),
+            kind or "-",
+            escape(certificate),
+            sender,
+            rcpt,
+            decision.action,
+            decision.reason,
+            extra=log_fields(
+                action=decision.action,
+                reason=decision.reason,
+                queue_id=queue_id,
+                client_address=self.client_label,
+                organization=organization,
+                connector=connector,
+                kind=kind,
+                certificate=certificate,
+                sender=sender,
+                recipient=rcpt,
+            ),
+        )

@@ -1,0 +1,208 @@
+"""The validated, immutable configuration model and its look-up indexes.
+
+Built once per load by ``relaymilter.config``; never changed afterwards, so a
+connection can keep the object it started with while a reload swaps in a new one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Dict, FrozenSet, List, Optional, Tuple
+
+from .certfiles import CertificateFile
+from .certnames import CertificateNameIndex, CertificatePattern
+from .domains import parent_domains
+from .networks import IPAddress, IPNetwork, NetworkTable
+from .tlsidentity import PresentedCertificate
+
+MODE_ENFORCE = "enforce"
+MODE_MONITOR = "monitor"
+ON_ERROR_TEMPFAIL = "tempfail"
+ON_ERROR_ACCEPT = "accept"
+
+DEFAULT_CONFIG_PATH = "/etc/relaymilter/relaymilter.yml"
+DEFAULT_SOCKET = "inet:8894@127.0.0.1"
+DEFAULT_REJECT_CODE = "550"
+DEFAULT_REJECT_STATUS = "5.7.64"
+DEFAULT_REJECT_TEXT = (
+    "Relay Access Denied ATTR36. For more details please refer to "
+    "https://support.microsoft.com/kb/3169958."
+)
+
+
+@dataclass(frozen=True)
+class Reply:
+    """An SMTP reply relaymilter gives: code, enhanced status code and text."""
+
+    code: str
+    status: str
+    text: str
+
+    def __str__(self) -> str:
+        return f"{self.code} {self.status} {self.text}"
+
+    @property
+    def is_permanent(self) -> bool:
+        return self.code.startswith("5")
+
+
+TEMPFAIL_REPLY = Reply("451", "4.3.0", "relaymilter: internal error, please try again later")
+
+
+@dataclass(frozen=True)
+class AcceptedDomain:
+    domain: str
+    match_subdomains: bool = False
+
+
+@dataclass(frozen=True)
+class Connector:
+    """An on-premises connector: how a connection is recognised as the organization's."""
+
+    name: str
+    organization: str
+    #: Position in the file across all organizations; the first wins ties.
+    order: int
+    sender_ip_addresses: Tuple[IPNetwork, ...] = ()
+    certificate_pattern: Optional[CertificatePattern] = None
+    #: Issuer CNs, casefolded; empty means any issuer the MTA trusts.
+    trusted_issuers: FrozenSet[str] = frozenset()
+    certificates: Tuple[CertificateFile, ...] = ()
+
+    @property
+    def is_certificate_connector(self) -> bool:
+        return self.certificate_pattern is not None
+
+    def admits_address(self, address: Optional[IPAddress]) -> bool:
+        """Whether the client address satisfies this connector's address restriction."""
+        if not self.sender_ip_addresses:
+            return True
+        if address is None:
+            return False
+        return any(
+            address.version == network.version and address in network
+            for network in self.sender_ip_addresses
+        )
+
+    def admits_issuer(self, issuer_cn: Optional[str]) -> bool:
+        if not self.trusted_issuers:
+            return True
+        return issuer_cn is not None and issuer_cn.casefold() in self.trusted_issuers
+
+
+@dataclass(frozen=True)
+class Organization:
+    name: str
+    accepted_domains: Tuple[AcceptedDomain, ...]
+    connectors: Tuple[Connector, ...]
+    _exact: FrozenSet[str] = field(init=False, repr=False, compare=False)
+    _subtrees: FrozenSet[str] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        # frozen dataclass: derived look-up sets are set once here.
+        object.__setattr__(self, "_exact", frozenset(a.domain for a in self.accepted_domains))
+        subtrees = frozenset(a.domain for a in self.accepted_domains if a.match_subdomains)
+        object.__setattr__(self, "_subtrees", subtrees)
+
+    def accepts(self, domain: Optional[str]) -> bool:
+        """accepted(O, d): d is an accepted domain, or below one with match_subdomains."""
+        if domain is None:
+            return False
+        if domain in self._exact:
+            return True
+        if not self._subtrees:
+            return False
+        return any(parent in self._subtrees for parent in parent_domains(domain))
+
+
+@dataclass(frozen=True)
+class ConnectorRef:
+    """A connector together with its organization, as the indexes hand them out."""
+
+    organization: Organization
+    connector: Connector
+
+
+class CertificateFileIndex:
+    """Finds a configured certificate file for the certificate an MTA describes."""
+
+    def __init__(self, files: List[CertificateFile]) -> None:
+        self._by_fingerprint: Dict[str, CertificateFile] = {}
+        self._by_names: Dict[Tuple[str, str], CertificateFile] = {}
+        for cert in files:
+            for digest in cert.fingerprints:
+                self._by_fingerprint.setdefault(digest, cert)
+            if cert.subject_cn and cert.issuer_cn:
+                key = (cert.subject_cn.casefold(), cert.issuer_cn.casefold())
+                self._by_names.setdefault(key, cert)
+
+    def find(self, presented: PresentedCertificate) -> Optional[CertificateFile]:
+        """By fingerprint where the MTA sent one (Sendmail), else by subject and issuer CN."""
+        if presented.fingerprint:
+            return self._by_fingerprint.get(presented.fingerprint)
+        if presented.subject_cn and presented.issuer_cn:
+            key = (presented.subject_cn.casefold(), presented.issuer_cn.casefold())
+            return self._by_names.get(key)
+        return None
+
+
+@dataclass(frozen=True)
+class Config:
+    """A complete, validated configuration."""
+
+    path: str
+    socket: str
+    mode: str
+    on_error: str
+    reject: Reply
+    organizations: Tuple[Organization, ...]
+    warnings: Tuple[str, ...] = ()
+    ip_connectors: NetworkTable[ConnectorRef] = field(
+        default_factory=NetworkTable, repr=False, compare=False
+    )
+    certificate_connectors: CertificateNameIndex[ConnectorRef] = field(
+        default_factory=CertificateNameIndex, repr=False, compare=False
+    )
+    certificate_files: CertificateFileIndex = field(
+        default_factory=lambda: CertificateFileIndex([]), repr=False, compare=False
+    )
+
+    @property
+    def enforcing(self) -> bool:
+        return self.mode == MODE_ENFORCE
+
+    def summary(self) -> str:
+        """One line: what is loaded."""
+        domains = sum(len(o.accepted_domains) for o in self.organizations)
+        connectors = [c for o in self.organizations for c in o.connectors]
+        certificate = sum(1 for c in connectors if c.is_certificate_connector)
+        return (
+            f"{_count(len(self.organizations), 'organization')}, "
+            f"{_count(domains, 'accepted domain')}, "
+            f"{_count(len(connectors), 'connector')} "
+            f"({certificate} certificate, {len(connectors) - certificate} ip), "
+            f"mode {self.mode}"
+        )
+
+
+def _count(number: int, noun: str) -> str:
+    return f"{number} {noun}{'' if number == 1 else 's'}"
+
+
+def build_indexes(
+    organizations: Tuple[Organization, ...],
+) -> Tuple[NetworkTable[ConnectorRef], CertificateNameIndex[ConnectorRef], CertificateFileIndex]:
+    """The look-up structures for attribution, built once per load."""
+    ip_table: NetworkTable[ConnectorRef] = NetworkTable()
+    names: CertificateNameIndex[ConnectorRef] = CertificateNameIndex()
+    files: List[CertificateFile] = []
+    for organization in organizations:
+        for connector in organization.connectors:
+            ref = ConnectorRef(organization, connector)
+            if connector.certificate_pattern is not None:
+                names.add(connector.certificate_pattern, ref)
+                files.extend(connector.certificates)
+            else:
+                for network in connector.sender_ip_addresses:
+                    ip_table.add(network, ref)
+    return ip_table, names, CertificateFileIndex(files)

@@ -1,0 +1,253 @@
+"""The config file: every error names file, line and key path, all reported at once."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from relaymilter.config import ConfigError, load_config, parse_config
+from relaymilter.networks import parse_client_address
+from relaymilter.policy import Transaction
+from relaymilter.tlsidentity import certificate_from_mapping
+
+from .support import REPO, make_certificate, sendmail_fingerprint
+
+MINIMAL = """\
+organizations:
+  - name: contoso
+    accepted_domains: [contoso.com]
+    connectors:
+      - name: onprem-ip
+        sender_ip_addresses: [192.0.2.0/24]
+"""
+
+
+def errors_of(text: str, path: str = "relaymilter.yml") -> list[str]:
+    with pytest.raises(ConfigError) as info:
+        parse_config(text, path)
+    return [str(issue) for issue in info.value.issues]
+
+
+def test_shipped_example_is_valid() -> None:
+    config = load_config(str(REPO / "etc" / "relaymilter.yml"))
+    assert config.socket == "inet:8894@127.0.0.1"
+    assert config.warnings == ()
+    assert "1 organization" in config.summary()
+
+
+def test_defaults() -> None:
+    config = parse_config(MINIMAL, "x.yml")
+    assert (config.socket, config.mode, config.on_error) == (
+        "inet:8894@127.0.0.1",
+        "enforce",
+        "tempfail",
+    )
+    assert str(config.reject).startswith("550 5.7.64 Relay Access Denied ATTR36.")
+
+
+@pytest.mark.parametrize(
+    ("snippet", "expected"),
+    [
+        ("socket: tcp:25\n", "relaymilter.yml:1: socket: 'tcp:25': unknown socket type 'tcp'"),
+        (
+            "socket: unix:relative.sock\n",
+            "relaymilter.yml:1: socket: 'unix:relative.sock': the unix socket path must be absolute",
+        ),
+        (
+            "socket: inet:99999@127.0.0.1\n",
+            "relaymilter.yml:1: socket: 'inet:99999@127.0.0.1': '99999' is not a port",
+        ),
+        (
+            "mode: enforced\n",
+            "relaymilter.yml:1: mode: must be one of enforce, monitor, not 'enforced'",
+        ),
+        ("on_error: reject\n", "relaymilter.yml:1: on_error: must be one of tempfail, accept"),
+        ("moed: monitor\n", "relaymilter.yml:1: moed: unknown key; did you mean 'mode'?"),
+        (
+            "reject: {code: 550, status: 4.7.1}\n",
+            "relaymilter.yml:1: reject: code 550 and status 4.7.1 disagree",
+        ),
+        (
+            "reject: {code: 250}\n",
+            "relaymilter.yml:1: reject.code: must be a 4xx or 5xx reply code, not 250",
+        ),
+        (
+            'reject: {status: "5.7"}\n',
+            "relaymilter.yml:1: reject.status: must be an enhanced status code",
+        ),
+        ("reject: {text: [a]}\n", "relaymilter.yml:1: reject.text: must be a string"),
+        ("mode: true\n", "relaymilter.yml:1: mode: must be a string, not boolean true"),
+    ],
+)
+def test_top_level_errors(snippet: str, expected: str) -> None:
+    errors = errors_of(snippet + MINIMAL)
+    assert any(e.startswith(expected) for e in errors), errors
+
+
+def test_every_error_is_reported_at_once_with_line_and_path(tmp_path: Path) -> None:
+    text = """\
+organizations:
+  - name: contoso
+    accepted_domains: [contoso.com, "bad..example", "*.wild.example"]
+    connectors:
+      - name: a
+        sender_ip_addresses: [192.0.2.1/24, 300.1.1.1, "::ffff:192.0.2.0/120"]
+        colour: blue
+      - name: a
+      - name: b
+        tls_sender_certificate_name: a.*.contoso.com
+      - name: c
+        sender_ip_addresses: [192.0.2.0/24]
+        trusted_issuers: [X]
+      - name: d
+        tls_sender_certificate_name: "*.contoso.com"
+        certificates: [missing.pem]
+  - name: contoso
+    accepted_domains: []
+    connectors: "nope"
+"""
+    errors = errors_of(text)
+    assert errors == [
+        "relaymilter.yml:3: organizations[0].accepted_domains[1]: 'bad..example' is not a valid domain name",
+        "relaymilter.yml:3: organizations[0].accepted_domains[2]: '*.wild.example' is not a valid domain "
+        "name (use match_subdomains: true instead of a wildcard)",
+        "relaymilter.yml:6: organizations[0].connectors[0].sender_ip_addresses[0]: '192.0.2.1/24' has host "
+        "bits set; did you mean 192.0.2.0/24?",
+        "relaymilter.yml:6: organizations[0].connectors[0].sender_ip_addresses[1]: '300.1.1.1' is not an IP "
+        "address or CIDR network ('300.1.1.1' does not appear to be an IPv4 or IPv6 network)",
+        "relaymilter.yml:6: organizations[0].connectors[0].sender_ip_addresses[2]: '::ffff:192.0.2.0/120' is "
+        "IPv4-mapped; write the IPv4 form (clients are matched as IPv4)",
+        "relaymilter.yml:7: organizations[0].connectors[0].colour: unknown key (allowed: name, "
+        "sender_ip_addresses, tls_sender_certificate_name, trusted_issuers, certificates)",
+        "relaymilter.yml:8: organizations[0].connectors[1]: a connector needs sender_ip_addresses, "
+        "tls_sender_certificate_name, or both",
+        "relaymilter.yml:8: organizations[0].connectors[1].name: duplicate connector name 'a' in "
+        "organization 'contoso'",
+        "relaymilter.yml:10: organizations[0].connectors[2].tls_sender_certificate_name: a wildcard is allowed "
+        "only as the whole first label, as in '*.contoso.com'",
+        "relaymilter.yml:13: organizations[0].connectors[3].trusted_issuers: only applies to a connector "
+        "with tls_sender_certificate_name",
+        f"relaymilter.yml:16: organizations[0].connectors[4].certificates[0]: cannot read "
+        f"{Path('relaymilter.yml').resolve().parent / 'missing.pem'}: No such file or directory",
+        "relaymilter.yml:17: organizations[1].name: duplicate organization name 'contoso'",
+        "relaymilter.yml:18: organizations[1].accepted_domains: must list at least one domain",
+        "relaymilter.yml:19: organizations[1].connectors: must be a list of connectors",
+    ]
+
+
+def test_unregistered_certificate_name_names_the_remedy() -> None:
+    text = MINIMAL + "      - name: hcw\n        tls_sender_certificate_name: mail.contoso.com\n"
+    (error,) = errors_of(text)
+    assert error == (
+        "relaymilter.yml:8: organizations[0].connectors[1].tls_sender_certificate_name: connector 'hcw': "
+        "'mail.contoso.com' is not a domain registered with organization 'contoso'; use '*.contoso.com' "
+        "(as Exchange's Hybrid Configuration Wizard does; contoso.com is registered) or add "
+        "mail.contoso.com to accepted_domains"
+    )
+
+
+def test_unregistered_wildcard_domain() -> None:
+    text = MINIMAL + "      - name: w\n        tls_sender_certificate_name: '*.fabrikam.com'\n"
+    (error,) = errors_of(text)
+    assert "'*.fabrikam.com' needs fabrikam.com registered with organization 'contoso'" in error
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("", "the config file is empty"),
+        ("organizations: [\n", "not valid YAML"),
+        ("- a\n", "must be a mapping with keys"),
+        ("socket: inet:1@127.0.0.1\n", "organizations: required key is missing"),
+        ("organizations: []\n", "must list at least one organization"),
+    ],
+)
+def test_structural_errors(text: str, message: str) -> None:
+    assert any(message in e for e in errors_of(text)), errors_of(text)
+
+
+def test_duplicate_yaml_key_is_an_error() -> None:
+    errors = errors_of("mode: enforce\nmode: monitor\n" + MINIMAL)
+    assert errors == ["relaymilter.yml:2: mode: duplicate key"]
+
+
+def test_unreadable_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(str(tmp_path / "absent.yml"))
+    assert (
+        str(info.value)
+        == f"{tmp_path / 'absent.yml'}: cannot read the config file: No such file or directory"
+    )
+
+
+def test_overlapping_ip_connectors_warn() -> None:
+    text = (
+        MINIMAL
+        + """\
+  - name: fabrikam
+    accepted_domains: [fabrikam.com]
+    connectors:
+      - {name: f, sender_ip_addresses: ["192.0.2.128/25", "2001:db8::/32"]}
+"""
+    )
+    config = parse_config(text, "o.yml")
+    assert config.warnings == (
+        "o.yml: organizations: IP connectors overlap: 192.0.2.0/24 (contoso/onprem-ip) and 192.0.2.128/25 "
+        "(fabrikam/f); the organization accepting the sender's domain wins, else the first in file order",
+    )
+
+
+def test_monitor_and_accept_warn() -> None:
+    config = parse_config("mode: monitor\non_error: accept\n" + MINIMAL, "w.yml")
+    assert config.warnings == (
+        "w.yml:1: mode: monitor mode: refusals are only logged",
+        "w.yml:2: on_error: internal errors will let mail through",
+    )
+
+
+def test_certificate_files_add_their_sans(tmp_path: Path) -> None:
+    cert = make_certificate(tmp_path / "gw.pem", "gw01.internal.example", sans=["mail.contoso.com"])
+    other = make_certificate(tmp_path / "other.pem", "gw01.internal.example", sans=["x.example"])
+    text = MINIMAL + "      - name: c\n        tls_sender_certificate_name: '*.contoso.com'\n"
+    text += "        certificates: [gw.pem]\n"
+    config_path = tmp_path / "c.yml"
+    config_path.write_text(text)
+    config = load_config(str(config_path))
+    address = parse_client_address("203.0.113.9")
+
+    def attributed(macros: dict[str, str]) -> bool:
+        return (
+            Transaction(config, address, certificate_from_mapping(macros), "<>").attribution
+            is not None
+        )
+
+    # Postfix: no fingerprint; matched by subject CN and issuer CN.
+    postfix = {"{cert_subject}": "gw01.internal.example", "{cert_issuer}": "Contoso Issuing CA"}
+    assert attributed(postfix)
+    assert not attributed({**postfix, "{cert_issuer}": "Another CA"})
+    # Sendmail: by fingerprint, never by names alone.
+    sendmail = {
+        "{cert_subject}": "/CN=gw01.internal.example",
+        "{verify}": "OK",
+        "{cert_issuer}": "/CN=Contoso+20Issuing+20CA",
+    }
+    assert attributed({**sendmail, "{cert_fp}": sendmail_fingerprint(cert)})
+    assert not attributed({**sendmail, "{cert_fp}": sendmail_fingerprint(other)})
+    assert not attributed({**sendmail, "{cert_fp}": sendmail_fingerprint(cert), "{verify}": "FAIL"})
+
+
+def test_certificate_file_warnings(tmp_path: Path) -> None:
+    make_certificate(tmp_path / "old.pem", "mail.contoso.com", days=(-30, -1))
+    make_certificate(tmp_path / "elsewhere.pem", "mail.example.net")
+    text = MINIMAL + "      - name: c\n        tls_sender_certificate_name: '*.contoso.com'\n"
+    text += "        certificates: [old.pem, elsewhere.pem]\n"
+    path = tmp_path / "c.yml"
+    path.write_text(text)
+    warnings = load_config(str(path)).warnings
+    assert len(warnings) == 2
+    assert "certificates[0]" in warnings[0] and "certificate expired on" in warnings[0]
+    assert (
+        "certificates[1]" in warnings[1]
+        and "none of its names matches '*.contoso.com'" in warnings[1]
+    )
