@@ -159,6 +159,10 @@ class Daemon:
     def stop(self) -> int:
         if self.process.poll() is None:
             self.process.terminate()
+            # libmilter notices a stop request only when its accept loop wakes:
+            # every 5 s, or at once when a connection arrives.
+            with contextlib.suppress(OSError):
+                connect_socket(self.spec, timeout=1).close()
             try:
                 self.process.wait(10)
             except subprocess.TimeoutExpired:
