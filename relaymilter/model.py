@@ -11,7 +11,6 @@ from typing import Dict, FrozenSet, List, Optional, Tuple
 
 from .certfiles import CertificateFile
 from .certnames import CertificateNameIndex, CertificatePattern
-from .domains import parent_domains
 from .networks import IPAddress, IPNetwork, NetworkTable
 from .tlsidentity import PresentedCertificate
 
@@ -110,17 +109,40 @@ class Organization:
             return False
         if domain in self._exact:
             return True
-        if not self._subtrees:
+        subtrees = self._subtrees
+        if not subtrees:
             return False
-        return any(parent in self._subtrees for parent in parent_domains(domain))
+        # Walk the labels: a.b.c, b.c, c (parent_domains, inlined: hot path).
+        while True:
+            if domain in subtrees:
+                return True
+            dot = domain.find(".")
+            if dot < 0:
+                return False
+            domain = domain[dot + 1 :]
+
+
+KIND_CERTIFICATE = "certificate"
+KIND_IP = "ip"
 
 
 @dataclass(frozen=True)
-class ConnectorRef:
-    """A connector together with its organization, as the indexes hand them out."""
+class Attribution:
+    """The organization a transaction is attributed to, and through which connector.
+
+    The indexes hold one prebuilt Attribution per connector, so that the
+    per-transaction path allocates nothing for the common case.
+    """
 
     organization: Organization
     connector: Connector
+    kind: str
+    #: The certificate name that matched (kind certificate only).
+    certificate_name: Optional[str] = None
+
+    @property
+    def connector_name(self) -> str:
+        return self.connector.name
 
 
 class CertificateFileIndex:
@@ -157,10 +179,10 @@ class Config:
     reject: Reply
     organizations: Tuple[Organization, ...]
     warnings: Tuple[str, ...] = ()
-    ip_connectors: NetworkTable[ConnectorRef] = field(
+    ip_connectors: NetworkTable[Attribution] = field(
         default_factory=NetworkTable, repr=False, compare=False
     )
-    certificate_connectors: CertificateNameIndex[ConnectorRef] = field(
+    certificate_connectors: CertificateNameIndex[Attribution] = field(
         default_factory=CertificateNameIndex, repr=False, compare=False
     )
     certificate_files: CertificateFileIndex = field(
@@ -191,18 +213,22 @@ def _count(number: int, noun: str) -> str:
 
 def build_indexes(
     organizations: Tuple[Organization, ...],
-) -> Tuple[NetworkTable[ConnectorRef], CertificateNameIndex[ConnectorRef], CertificateFileIndex]:
-    """The look-up structures for attribution, built once per load."""
-    ip_table: NetworkTable[ConnectorRef] = NetworkTable()
-    names: CertificateNameIndex[ConnectorRef] = CertificateNameIndex()
+) -> Tuple[NetworkTable[Attribution], CertificateNameIndex[Attribution], CertificateFileIndex]:
+    """The look-up structures for attribution, built once per load (in file order)."""
+    ip_table: NetworkTable[Attribution] = NetworkTable()
+    names: CertificateNameIndex[Attribution] = CertificateNameIndex()
     files: List[CertificateFile] = []
     for organization in organizations:
         for connector in organization.connectors:
-            ref = ConnectorRef(organization, connector)
             if connector.certificate_pattern is not None:
-                names.add(connector.certificate_pattern, ref)
+                names.add(
+                    connector.certificate_pattern,
+                    Attribution(organization, connector, KIND_CERTIFICATE),
+                )
                 files.extend(connector.certificates)
             else:
+                attribution = Attribution(organization, connector, KIND_IP)
                 for network in connector.sender_ip_addresses:
-                    ip_table.add(network, ref)
+                    ip_table.add(network, attribution)
+    ip_table.freeze()
     return ip_table, names, CertificateFileIndex(files)

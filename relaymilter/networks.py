@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import bisect
 import ipaddress
 from typing import Dict, Generic, List, Optional, Tuple, TypeVar, Union
 
@@ -37,37 +38,77 @@ def parse_client_address(text: Optional[str]) -> Optional[IPAddress]:
 class NetworkTable(Generic[V]):
     """Maps networks to values; a lookup returns the values of every network holding an address.
 
-    A lookup masks the address once per prefix length in use and probes a dict,
-    so its cost depends on the number of distinct prefix lengths (at most 33 or
-    129), not on the number of networks.
+    Networks are added while a config is built; ``freeze`` then cuts the address
+    space into disjoint intervals, each with the values of the networks covering
+    it, so that a lookup is one binary search whatever the number of networks or
+    of distinct prefix lengths. Values come out in the order they were added.
     """
 
     def __init__(self) -> None:
-        self._by_prefix: Dict[Tuple[int, int], Dict[int, List[V]]] = {}
-        self._prefixes: Dict[int, List[int]] = {4: [], 6: []}
+        self._entries: Dict[int, List[Tuple[int, int, V]]] = {4: [], 6: []}
+        self._starts: Dict[int, List[int]] = {4: [], 6: []}
+        self._ends: Dict[int, List[int]] = {4: [], 6: []}
+        self._values: Dict[int, List[Tuple[V, ...]]] = {4: [], 6: []}
+        self._frozen = True
 
     def add(self, network: IPNetwork, value: V) -> None:
-        key = (network.version, network.prefixlen)
-        bucket = self._by_prefix.get(key)
-        if bucket is None:
-            bucket = self._by_prefix[key] = {}
-            self._prefixes[network.version].append(network.prefixlen)
-            # Longest prefix first: the most specific networks come out first.
-            self._prefixes[network.version].sort(reverse=True)
-        bucket.setdefault(int(network.network_address), []).append(value)
+        first, last = int(network.network_address), int(network.broadcast_address)
+        self._entries[network.version].append((first, last, value))
+        self._frozen = False
 
-    def lookup(self, address: IPAddress) -> List[V]:
+    def freeze(self) -> None:
+        """Build the interval arrays (once, before the table is shared between threads)."""
+        for version, entries in self._entries.items():
+            self._starts[version], self._ends[version], self._values[version] = _segments(entries)
+        self._frozen = True
+
+    def lookup(self, address: IPAddress) -> Tuple[V, ...]:
+        if not self._frozen:
+            self.freeze()
         version = address.version
-        bits = 32 if version == 4 else 128
-        full = (1 << bits) - 1
         number = int(address)
-        found: List[V] = []
-        for prefixlen in self._prefixes[version]:
-            mask = full ^ ((1 << (bits - prefixlen)) - 1)
-            values = self._by_prefix[(version, prefixlen)].get(number & mask)
-            if values:
-                found.extend(values)
-        return found
+        index = bisect.bisect_right(self._starts[version], number) - 1
+        if index >= 0 and number <= self._ends[version][index]:
+            return self._values[version][index]
+        return ()
 
     def __bool__(self) -> bool:
-        return bool(self._by_prefix)
+        return bool(self._entries[4] or self._entries[6])
+
+
+def _segments(
+    entries: List[Tuple[int, int, V]],
+) -> Tuple[List[int], List[int], List[Tuple[V, ...]]]:
+    """Disjoint [start, end] intervals with the values (in insertion order) covering each."""
+    events: List[Tuple[int, int, int]] = []  # (position, +1 open / -1 close, entry index)
+    for index, (first, last, _) in enumerate(entries):
+        events.append((first, 1, index))
+        events.append((last + 1, -1, index))
+    events.sort()
+    starts: List[int] = []
+    ends: List[int] = []
+    values: List[Tuple[V, ...]] = []
+    active: Dict[int, None] = {}
+    previous: Tuple[int, ...] = ()
+    position = 0
+    while position < len(events):
+        point = events[position][0]
+        while position < len(events) and events[position][0] == point:
+            _, change, index = events[position]
+            if change > 0:
+                active[index] = None
+            else:
+                active.pop(index, None)
+            position += 1
+        if not active:
+            continue
+        end = events[position][0] - 1 if position < len(events) else point
+        indices = tuple(sorted(active))
+        if indices == previous and ends and ends[-1] == point - 1:
+            ends[-1] = end  # the same networks as the interval before: merge
+        else:
+            starts.append(point)
+            ends.append(end)
+            values.append(tuple(entries[index][2] for index in indices))
+        previous = indices
+    return starts, ends, values

@@ -6,17 +6,16 @@ call ``Transaction`` so that they cannot disagree.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import List, Optional, Tuple
+from dataclasses import dataclass, replace
+from typing import Dict, List, Optional, Tuple
 
 from .certnames import normalize_certificate_name
 from .domains import EnvelopeAddress, parse_envelope_address
-from .model import Config, ConnectorRef, Organization, Reply
+from .model import KIND_CERTIFICATE, KIND_IP, Attribution, Config, Reply
 from .networks import IPAddress
 from .tlsidentity import PresentedCertificate
 
-KIND_CERTIFICATE = "certificate"
-KIND_IP = "ip"
+__all__ = ["KIND_CERTIFICATE", "KIND_IP", "Attribution", "Decision", "Transaction", "decide"]
 
 REASON_INTERNAL = "internal-recipient"
 REASON_CERTIFICATE = "certificate"
@@ -27,17 +26,6 @@ REASON_UNATTRIBUTED = "unattributed"
 ACTION_CONTINUE = "continue"
 ACTION_REJECT = "reject"
 ACTION_WOULD_REJECT = "would-reject"
-
-
-@dataclass(frozen=True)
-class Attribution:
-    """The organization a transaction is attributed to, and how."""
-
-    organization: Organization
-    connector_name: str
-    kind: str
-    #: The certificate name that matched (kind certificate only).
-    certificate_name: Optional[str] = None
 
 
 @dataclass(frozen=True)
@@ -90,35 +78,32 @@ def attribute_certificate(
     """Rule 1: a trusted certificate matching a certificate connector (most specific wins)."""
     if presented is None or not presented.trusted or not config.certificate_connectors:
         return None
-    best: Optional[Tuple[int, int, ConnectorRef, str]] = None
+    best: Optional[Tuple[int, int, Attribution, str]] = None
     for name in certificate_names(config, presented):
-        for rank, ref in config.certificate_connectors.lookup(name):
-            connector = ref.connector
+        for rank, candidate in config.certificate_connectors.lookup(name):
+            connector = candidate.connector
             if not connector.admits_issuer(presented.issuer_cn) or not connector.admits_address(
                 address
             ):
                 continue
-            candidate = (rank, connector.order, ref, name)
-            if best is None or candidate[:2] < best[:2]:
-                best = candidate
+            if best is None or (rank, connector.order) < best[:2]:
+                best = (rank, connector.order, candidate, name)
     if best is None:
         return None
-    ref, name = best[2], best[3]
-    return Attribution(ref.organization, ref.connector.name, KIND_CERTIFICATE, name)
+    return replace(best[2], certificate_name=best[3])
 
 
 def attribute_ip(config: Config, address: Optional[IPAddress]) -> Tuple[Attribution, ...]:
     """Rule 2: the IP connectors whose networks hold the address, one per organization."""
     if address is None:
         return ()
-    refs = sorted(config.ip_connectors.lookup(address), key=lambda ref: ref.connector.order)
-    candidates: List[Attribution] = []
-    seen = set()
-    for ref in refs:
-        if ref.organization.name not in seen:
-            seen.add(ref.organization.name)
-            candidates.append(Attribution(ref.organization, ref.connector.name, KIND_IP))
-    return tuple(candidates)
+    found = config.ip_connectors.lookup(address)  # already in file order
+    if len(found) < 2:
+        return found
+    candidates: Dict[str, Attribution] = {}
+    for attribution in found:
+        candidates.setdefault(attribution.organization.name, attribution)
+    return tuple(candidates.values())
 
 
 def attribute_connection(

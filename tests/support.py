@@ -159,17 +159,26 @@ class Daemon:
     def stop(self) -> int:
         if self.process.poll() is None:
             self.process.terminate()
-            # libmilter notices a stop request only when its accept loop wakes:
-            # every 5 s, or at once when a connection arrives.
-            with contextlib.suppress(OSError):
-                connect_socket(self.spec, timeout=1).close()
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+            stop_promptly(self.process, self.spec)
         self._log.close()
         return self.process.returncode
+
+
+def stop_promptly(process: subprocess.Popen[bytes], spec: str, deadline: float = 15.0) -> None:
+    """Wait for a terminated daemon, waking libmilter's accept loop meanwhile.
+
+    libmilter notices a stop request only when its accept loop wakes: every
+    5 s, or at once when a connection arrives.
+    """
+    end = time.monotonic() + deadline
+    while process.poll() is None and time.monotonic() < end:
+        with contextlib.suppress(OSError):
+            connect_socket(spec, timeout=1).close()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            process.wait(0.1)
+    if process.poll() is None:
+        process.kill()
+        process.wait()
 
 
 @contextlib.contextmanager

@@ -1,0 +1,34 @@
+"""Tiny runs of the benchmark scripts, so that they cannot rot (no timing is asserted)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from .support import REPO
+
+
+def test_scale_benchmark_smoke(tmp_path: Path) -> None:
+    out = tmp_path / "scale.json"
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "benchmarks" / "scale.py"),
+            "--smoke",
+            "--daemon-rss",
+            "--json",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=REPO,
+    )
+    assert result.returncode == 0, result.stderr
+    figures = json.loads(out.read_text())
+    assert [(r["domains"], r["connectors"]) for r in figures["scale"]] == [(10, 10), (200, 50)]
+    assert all(r["samples"] == 200 and r["p99_us"] > 0 for r in figures["scale"])
+    assert figures["daemon"][0]["rss_mib"] > 0
+    assert "p99 us" in result.stdout
