@@ -138,10 +138,6 @@ class RelayMilter(Milter.Base):  # type: ignore[misc]
         except Exception:
             return self._internal_error("envrcpt", to)
 
-    def abort(self) -> int:
-        self.transaction = None
-        return CONTINUE
-
     # -- helpers -----------------------------------------------------------
 
     def _queue_id(self) -> str:
