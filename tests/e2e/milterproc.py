@@ -1,0 +1,170 @@
+"""relaymilter as the MTAs see it: a real ``python -m relaymilter run`` process.
+
+One process per milter socket. It is (re)started only when a scenario needs
+a different configuration; its stderr goes to a log file that the tests read
+for the ``decision`` lines and ``reload:`` results.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import re
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+from .util import (
+    HarnessError,
+    can_connect_tcp,
+    can_connect_unix,
+    read_from,
+    size,
+    wait_for,
+)
+
+_FIELD = re.compile(r"(\w+)=(<[^>]*>|\S+)")
+_DECISION = re.compile(r"\bdecision (.*)$", re.MULTILINE)
+_RELOAD = re.compile(r"reload: .*\b(loaded|failed)\b")
+
+
+def parse_decisions(text: str) -> list[dict[str, str]]:
+    """The key=value fields of every ``decision`` line; ``<...>`` is unwrapped."""
+    out = []
+    for line in _DECISION.findall(text):
+        fields = {k: v[1:-1] if v.startswith("<") else v for k, v in _FIELD.findall(line)}
+        out.append(fields)
+    return out
+
+
+class RelayMilterProcess:
+    def __init__(self, name: str, workdir: Path, socket_spec: str) -> None:
+        self.name = name
+        self.workdir = workdir
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.socket_spec = socket_spec
+        self.config_path = workdir / f"{name}.yml"
+        self.log = workdir / f"{name}.log"
+        self.proc: Optional[subprocess.Popen[bytes]] = None
+        self.config: Optional[dict[str, Any]] = None  # what the process runs with
+
+    # -- configuration ---------------------------------------------------
+
+    def write_config(self, config: dict[str, Any]) -> None:
+        self.config_path.write_text(yaml.safe_dump(config, sort_keys=False))
+
+    def write_raw_config(self, text: str) -> None:
+        self.config_path.write_text(text)
+
+    def ensure(self, config: dict[str, Any]) -> None:
+        """Make the process run with ``config``: reload it if running, else start it.
+
+        Reloading is much faster than a restart: libmilter takes about 5 s to
+        stop listening after SIGTERM.
+        """
+        if self.running and self.config == config:
+            return
+        if self.running and self.reload(yaml.safe_dump(config, sort_keys=False)) == "loaded":
+            self.config = config
+            return
+        self.stop()
+        self.write_config(config)
+        self.start()
+        self.config = config
+
+    # -- process ---------------------------------------------------------
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def start(self) -> None:
+        offset = size(self.log)
+        cmd = [sys.executable, "-m", "relaymilter", "run", "-c", str(self.config_path)]
+        with self.log.open("ab") as log:
+            self.proc = subprocess.Popen(
+                [*cmd, "--socket", self.socket_spec],
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        try:
+            wait_for(self._ready, 20, f"relaymilter ({self.name}) to accept on {self.socket_spec}")
+        except HarnessError as err:
+            self.stop()
+            raise HarnessError(
+                f"{err}\n--- relaymilter log ---\n{read_from(self.log, offset)}"
+            ) from None
+
+    def _ready(self) -> bool:
+        if self.proc is not None and self.proc.poll() is not None:
+            raise HarnessError(f"relaymilter ({self.name}) exited with {self.proc.returncode}")
+        kind, _, rest = self.socket_spec.partition(":")
+        if kind == "unix":
+            return can_connect_unix(Path(rest))
+        port, _, host = rest.partition("@")
+        return can_connect_tcp(host or "127.0.0.1", int(port))
+
+    def request_stop(self) -> None:
+        """SIGTERM without waiting, so several processes can stop in parallel."""
+        if self.running:
+            assert self.proc is not None
+            self.proc.send_signal(signal.SIGTERM)
+
+    def stop(self) -> None:
+        """SIGTERM and wait (libmilter needs about 5 s); SIGKILL after 10 s."""
+        self.request_stop()
+        proc, self.proc, self.config = self.proc, None, None
+        if proc is None:
+            return
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
+
+    def reload(self, config_text: str) -> str:
+        """Write a new config file, SIGUSR1, and return ``loaded`` or ``failed``."""
+        assert self.proc is not None and self.running, "relaymilter is not running"
+        self.write_raw_config(config_text)
+        offset = size(self.log)
+        self.proc.send_signal(signal.SIGUSR1)
+        found = wait_for(
+            lambda: _RELOAD.search(read_from(self.log, offset)), 15, f"a reload line in {self.log}"
+        )
+        self.config = None  # no longer a dict ensure() can compare with
+        return found.group(1)
+
+    # -- log -------------------------------------------------------------
+
+    def offset(self) -> int:
+        return size(self.log)
+
+    def decisions_since(self, offset: int) -> list[dict[str, str]]:
+        return parse_decisions(read_from(self.log, offset))
+
+    def wait_decisions(
+        self, offset: int, count: int, timeout: float = 10.0
+    ) -> list[dict[str, str]]:
+        """Wait until ``count`` decision lines were logged after ``offset``."""
+
+        def enough() -> Optional[list[dict[str, str]]]:
+            found = self.decisions_since(offset)
+            return found if len(found) >= count else None
+
+        return wait_for(enough, timeout, f"{count} decision line(s) in {self.log}")
+
+
+def explain(config_path: Path, args: list[str]) -> dict[str, Any]:
+    """``python -m relaymilter explain ... --json``, parsed."""
+    cmd = [sys.executable, "-m", "relaymilter", "explain", "-c", str(config_path), *args, "--json"]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
+    if result.returncode != 0:
+        raise AssertionError(f"explain failed ({result.returncode}): {result.stderr}")
+    with contextlib.suppress(json.JSONDecodeError):
+        return dict(json.loads(result.stdout))
+    raise AssertionError(f"explain printed no JSON: {result.stdout!r}")

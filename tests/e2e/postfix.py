@@ -1,0 +1,284 @@
+"""A private, throwaway Postfix instance (Debian's installed binaries).
+
+``postfix -c DIR start`` with its own main.cf/master.cf, queue and data
+directories, loopback listeners on free ports and ``maillog_file`` for the
+log. The host's /etc/postfix, /var/spool/postfix and any running MTA are
+never touched.
+
+Two smtpd listeners share the instance, one per milter socket kind:
+
+* ``unix``: smtpd runs chrooted in the private queue directory (as Debian's
+  master.cf does) and reaches relaymilter through the shipped snippet's
+  ``smtpd_milters = unix:/relaymilter/relaymilter.sock``, which Postfix
+  resolves inside the chroot, i.e. ``QUEUE/relaymilter/relaymilter.sock``;
+* ``inet``: smtpd is not chrooted and uses the snippet's commented
+  ``inet:`` alternative, with the port filled in.
+
+The shipped snippet etc/postfix/main.cf.relaymilter is appended to main.cf
+with only its host-specific values (CA file, port) substituted.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+from .pki import Pki
+from .util import (
+    HarnessError,
+    alive,
+    can_connect_tcp,
+    descendants,
+    free_port,
+    kill_leftovers,
+    read_from,
+    size,
+    wait_for,
+)
+
+REPO = Path(__file__).resolve().parents[2]
+SNIPPET = REPO / "etc" / "postfix" / "main.cf.relaymilter"
+POSTFIX = "/usr/sbin/postfix"
+POSTFIX_DAEMONS = "/usr/lib/postfix/sbin/"
+
+# Values in the snippet that only make sense on a real host; the harness
+# swaps them for the private instance's and checks that each one is there.
+SNIPPET_CA_FILE = "/etc/postfix/relaymilter-client-ca.pem"
+SNIPPET_UNIX_MILTER = "unix:/relaymilter/relaymilter.sock"
+SNIPPET_INET_MILTER = "inet:127.0.0.1:8894"
+UNIX_SOCKET_IN_CHROOT = "relaymilter/relaymilter.sock"
+
+MAIN_CF = """\
+# Private instance for relaymilter's end-to-end tests (generated).
+compatibility_level = 3.6
+queue_directory = {queue}
+data_directory = {data}
+mail_owner = postfix
+setgid_group = postdrop
+myhostname = postfix.e2e.test
+mydomain = e2e.test
+myorigin = $myhostname
+# Nothing is local: every recipient is relayed to the sink.
+mydestination =
+local_recipient_maps =
+alias_maps =
+alias_database =
+relayhost = [127.0.0.1]:{sink_port}
+smtp_tls_security_level = none
+inet_interfaces = 127.0.0.1
+inet_protocols = ipv4
+# The MTA's own relay rule: the whole loopback net may relay, so relaymilter's
+# decision is the only thing between a client and the sink.
+mynetworks = 127.0.0.0/8
+smtpd_relay_restrictions = permit_mynetworks, reject_unauth_destination
+# No DNS: the chrooted smtpd has no resolver files, and tests must not wait on DNS.
+smtpd_peername_lookup = no
+maillog_file = {log}
+maillog_file_prefixes = {base}
+in_flow_delay = 0
+biff = no
+smtputf8_enable = no
+smtpd_tls_cert_file = {server_cert}
+smtpd_tls_key_file = {server_key}
+smtpd_tls_loglevel = 1
+
+# ---- etc/postfix/main.cf.relaymilter, as shipped (host values substituted) ----
+{snippet}
+"""
+
+MASTER_CF = """\
+# Private instance for relaymilter's end-to-end tests (generated).
+127.0.0.1:{unix_port} inet n - y - - smtpd
+  -o syslog_name=postfix/smtpd-unix
+127.0.0.1:{inet_port} inet n - n - - smtpd
+  -o syslog_name=postfix/smtpd-inet
+  -o smtpd_milters={inet_milter}
+# Only for showing why the snippet sets tempfail: a milter that is never up,
+# with milter_default_action = accept.
+127.0.0.1:{fail_open_port} inet n - n - - smtpd
+  -o syslog_name=postfix/smtpd-fail-open
+  -o smtpd_milters=inet:127.0.0.1:{dead_milter_port}
+  -o milter_default_action=accept
+pickup    unix  n       -       n       60      1       pickup
+cleanup   unix  n       -       n       -       0       cleanup
+qmgr      unix  n       -       n       300     1       qmgr
+tlsmgr    unix  -       -       n       1000?   1       tlsmgr
+rewrite   unix  -       -       n       -       -       trivial-rewrite
+bounce    unix  -       -       n       -       0       bounce
+defer     unix  -       -       n       -       0       bounce
+trace     unix  -       -       n       -       0       bounce
+verify    unix  -       -       n       -       1       verify
+flush     unix  n       -       n       1000?   0       flush
+proxymap  unix  -       -       n       -       -       proxymap
+proxywrite unix -       -       n       -       1       proxymap
+smtp      unix  -       -       n       -       -       smtp
+relay     unix  -       -       n       -       -       smtp
+showq     unix  n       -       n       -       -       showq
+error     unix  -       -       n       -       -       error
+retry     unix  -       -       n       -       -       error
+discard   unix  -       -       n       -       -       discard
+anvil     unix  -       -       n       -       1       anvil
+scache    unix  -       -       n       -       1       scache
+postlog   unix-dgram n  -       n       -       1       postlogd
+"""
+
+
+def snippet_lines(text: str) -> list[str]:
+    """The active (non-comment, non-blank) lines of a config snippet."""
+    return [
+        ln.strip() for ln in text.splitlines() if ln.strip() and not ln.lstrip().startswith("#")
+    ]
+
+
+def render_snippet(ca_file: Path) -> str:
+    """The shipped snippet with the CA file path of the private PKI."""
+    text = SNIPPET.read_text()
+    for needed in (
+        SNIPPET_CA_FILE,
+        SNIPPET_UNIX_MILTER,
+        f"# smtpd_milters = {SNIPPET_INET_MILTER}",
+    ):
+        if needed not in text:
+            raise HarnessError(f"{SNIPPET} no longer contains {needed!r}; update the harness")
+    return text.replace(SNIPPET_CA_FILE, str(ca_file))
+
+
+@dataclass
+class PostfixPorts:
+    unix: int  # smtpd chrooted, milter on the unix socket
+    inet: int  # smtpd not chrooted, milter on an inet socket
+    milter_inet: int
+    fail_open: int  # smtpd with milter_default_action = accept ...
+    dead_milter: int  # ... and a milter port nobody listens on
+
+    @classmethod
+    def pick(cls) -> PostfixPorts:
+        return cls(free_port(), free_port(), free_port(), free_port(), free_port())
+
+
+class PostfixInstance:
+    def __init__(self, base: Path, pki: Pki, sink_port: int) -> None:
+        self.base = base
+        self.pki = pki
+        self.sink_port = sink_port
+        self.config_dir = base / "etc"
+        self.queue_dir = base / "queue"
+        self.data_dir = base / "data"
+        self.log = base / "maillog"
+        self.ports = PostfixPorts(0, 0, 0, 0, 0)
+
+    @property
+    def unix_milter_socket(self) -> Path:
+        """Where the chrooted smtpd finds the snippet's unix socket, seen from the host."""
+        return self.queue_dir / UNIX_SOCKET_IN_CHROOT
+
+    @property
+    def inet_milter_spec(self) -> str:
+        """The libmilter spelling of the inet listener's milter socket."""
+        return f"inet:{self.ports.milter_inet}@127.0.0.1"
+
+    def _write_config(self) -> None:
+        self.config_dir.mkdir(parents=True, exist_ok=True)
+        inet_milter = SNIPPET_INET_MILTER.replace("8894", str(self.ports.milter_inet))
+        main = MAIN_CF.format(
+            base=self.base,
+            queue=self.queue_dir,
+            data=self.data_dir,
+            sink_port=self.sink_port,
+            log=self.log,
+            server_cert=self.pki.server.cert,
+            server_key=self.pki.server.key,
+            snippet=render_snippet(self.pki.ca_bundle),
+        )
+        (self.config_dir / "main.cf").write_text(main)
+        master = MASTER_CF.format(
+            unix_port=self.ports.unix,
+            inet_port=self.ports.inet,
+            inet_milter=inet_milter,
+            fail_open_port=self.ports.fail_open,
+            dead_milter_port=self.ports.dead_milter,
+        )
+        (self.config_dir / "master.cf").write_text(master)
+
+    def _prepare_dirs(self) -> None:
+        # Postfix daemons run as "postfix" and must traverse every parent
+        # directory (the caller makes the ones above ``base`` traversable).
+        self.base.mkdir(parents=True, exist_ok=True)
+        os.chmod(self.base, 0o755)
+        self.queue_dir.mkdir(parents=True, exist_ok=True)
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        shutil.chown(self.data_dir, "postfix", "postfix")
+        # The unix-socket milter lives inside the chroot. Like the Debian package's
+        # /var/spool/postfix/relaymilter: group postfix and set-group-ID, so the
+        # 0660 socket relaymilter creates there is in group postfix.
+        socket_dir = self.unix_milter_socket.parent
+        socket_dir.mkdir(parents=True, exist_ok=True)
+        shutil.chown(socket_dir, "root", "postfix")
+        os.chmod(socket_dir, 0o2750)
+
+    def _postfix(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [POSTFIX, "-c", str(self.config_dir), *args],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=check,
+        )
+
+    def start(self) -> None:
+        """Start on fresh free ports; retry if another process grabs one first."""
+        self._prepare_dirs()
+        for _attempt in range(3):
+            self.ports = PostfixPorts.pick()
+            self._write_config()
+            offset = size(self.log)
+            result = self._postfix("start", check=False)
+            if result.returncode == 0 and self._wait_listening(offset):
+                return
+            self.stop()
+            if "Address already in use" not in read_from(self.log, offset) + result.stderr:
+                raise HarnessError(
+                    f"postfix start failed:\n{result.stderr}\n{self.log_since(offset)}"
+                )
+        raise HarnessError("postfix: no free ports after 3 attempts")
+
+    def _wait_listening(self, log_offset: int) -> bool:
+        def ready() -> bool:
+            if "Address already in use" in read_from(self.log, log_offset):
+                raise _PortTaken
+            listeners = (self.ports.unix, self.ports.inet, self.ports.fail_open)
+            return all(can_connect_tcp("127.0.0.1", port) for port in listeners)
+
+        try:
+            wait_for(ready, 30, "the private postfix listeners")
+        except _PortTaken:
+            return False
+        return True
+
+    def master_pid(self) -> int:
+        try:
+            return int((self.queue_dir / "pid" / "master.pid").read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            return 0
+
+    def stop(self) -> None:
+        """``postfix stop``, then make sure master and every child are gone."""
+        pid = self.master_pid()
+        if not pid or not alive(pid):
+            return
+        processes = [pid, *descendants(pid)]
+        self._postfix("stop", check=False)
+        with contextlib.suppress(HarnessError):
+            wait_for(lambda: not any(alive(p) for p in processes), 10, "postfix to exit")
+        kill_leftovers(processes, POSTFIX_DAEMONS)
+
+    def log_since(self, offset: int) -> str:
+        return read_from(self.log, offset)
+
+
+class _PortTaken(Exception):
+    pass

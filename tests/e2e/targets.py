@@ -1,0 +1,196 @@
+"""What a scenario runs against: one MTA listener with its relaymilter process.
+
+Targets:
+  * ``postfix-unix``: Postfix, chrooted smtpd, milter on the snippet's unix socket;
+  * ``postfix-inet``: Postfix, smtpd not chrooted, milter on an inet socket;
+  * ``sendmail``:     Sendmail 8.17, milter on an inet socket.
+
+``Target.run`` sends one transaction and collects everything a test asserts
+on: the SMTP replies, relaymilter's decision lines, and what the MTA relayed
+to the sink.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+from .configs import REJECT_TEXT
+from .milterproc import RelayMilterProcess, explain
+from .pki import Credential, Pki
+from .sink import Received, Sink
+from .smtpclient import Reply, Session, Transaction
+
+# Which client certificates chain to a CA the MTAs trust.
+MTA_TRUSTED = {"mail", "otherissuer", "san"}
+
+
+def xtext(value: str) -> str:
+    """RFC 3461 xtext, as Sendmail encodes its certificate DN macros."""
+    return "".join(f"+{ord(c):02X}" if c < "!" or c > "~" or c in '+\\()<>"' else c for c in value)
+
+
+@dataclass
+class Outcome:
+    txn: Transaction
+    decisions: dict[str, dict[str, str]]  # by recipient
+    delivered: Optional[Received]
+
+    def reply(self, rcpt: str) -> str:
+        return self.txn.rcpts[rcpt].line
+
+    def decision(self, rcpt: str) -> dict[str, str]:
+        return self.decisions[rcpt]
+
+    @property
+    def delivered_to(self) -> list[str]:
+        return self.delivered.rcpts if self.delivered else []
+
+
+@dataclass
+class Target:
+    name: str
+    mta: str  # "postfix" or "sendmail"
+    port: int
+    milter: RelayMilterProcess
+    sink: Sink
+    pki: Pki
+    mta_log: Callable[[int], str]  # text of the MTA's log after an offset
+    mta_log_size: Callable[[], int]
+
+    def __str__(self) -> str:
+        return self.name
+
+    # -- what the client sees ---------------------------------------------
+
+    def refusal(self, rcpt: str) -> str:
+        """The exact RCPT reply a client gets for an ATTR36 refusal."""
+        if self.mta == "sendmail":
+            # Sendmail inserts "<address>... " after the enhanced status code.
+            return f"550 5.7.64 <{rcpt}>... {REJECT_TEXT}"
+        return f"550 5.7.64 {REJECT_TEXT}"
+
+    def accepted(self, rcpt: str) -> str:
+        if self.mta == "sendmail":
+            return f"250 2.1.5 <{rcpt}>... Recipient ok"
+        return "250 2.1.5 Ok"
+
+    @property
+    def no_recipients_data_reply(self) -> str:
+        """The reply to DATA when every recipient was refused."""
+        if self.mta == "sendmail":
+            return "503 5.0.0 Need RCPT (recipient)"
+        return "554 5.5.1 Error: no valid recipients"
+
+    @property
+    def milter_down_reply(self) -> str:
+        """The reply to MAIL FROM when the milter cannot be reached."""
+        if self.mta == "sendmail":
+            return "451 4.3.2 Please try again later"  # F=T
+        return "451 4.7.1 Service unavailable - try again later"  # milter_default_action
+
+    @property
+    def milter_down_starttls_reply(self) -> str:
+        """The reply to STARTTLS when the milter cannot be reached."""
+        if self.mta == "sendmail":
+            return "454 4.7.0 Please try again later"
+        return "454 4.3.0 Try again later"
+
+    # -- running a scenario -----------------------------------------------
+
+    def use(self, config: dict[str, Any]) -> None:
+        self.milter.ensure(config)
+
+    def session(self, cert: Optional[str] = None, **kwargs: Any) -> Session:
+        """An open SMTP session; ``cert`` names a client certificate of the PKI."""
+        credential = self.pki.clients[cert] if cert else None
+        return Session(self.port, cert=credential, **kwargs)
+
+    def run(
+        self,
+        mail_from: str,
+        rcpts: list[str],
+        cert: Optional[str] = None,
+        *,
+        session: Optional[Session] = None,
+        check_explain: bool = True,
+        **kwargs: Any,
+    ) -> Outcome:
+        """One transaction; wait for its decisions and, if queued, its delivery.
+
+        Without ``session`` a new SMTP session is opened (``kwargs`` as for
+        ``Session``) and closed afterwards.
+        """
+        if session is None:
+            with self.session(cert, **kwargs) as fresh:
+                return self.run(mail_from, rcpts, session=fresh, check_explain=check_explain)
+        offset = self.milter.offset()
+        txn = session.transaction(mail_from, rcpts)
+        reached_milter = [r for r, reply in txn.rcpts.items() if reply.code != 503]
+        found = self.milter.wait_decisions(offset, len(reached_milter)) if reached_milter else []
+        decisions = {d["to"]: d for d in found}
+        delivered = self.sink.wait(txn.token) if txn.queued else None
+        outcome = Outcome(txn, decisions, delivered)
+        if delivered is not None:
+            assert sorted(delivered.rcpts) == sorted(txn.accepted), "sink recipients differ"
+            assert delivered.mail_from == mail_from
+        if check_explain and decisions:
+            self.check_explain(outcome, session)
+        return outcome
+
+    # -- relaymilter explain must agree with the live decision ---------------
+
+    def macros(self, cert: Optional[Credential], starttls: bool) -> list[str]:
+        """explain's arguments for the certificate macros this MTA sends."""
+        if not starttls:
+            return []
+        if self.mta == "postfix":
+            # Postfix sends subject and issuer CN, and only for a trusted chain.
+            if cert is None or not self._trusted(cert):
+                return []
+            return ["--cert-subject", cert.subject_cn, "--cert-issuer", cert.issuer_cn]
+        if cert is None:
+            return ["--verify", "NO"]
+        return [
+            "--verify",
+            "OK" if self._trusted(cert) else "FAIL",
+            "--cert-subject",
+            xtext(f"/CN={cert.subject_cn}"),
+            "--cert-issuer",
+            xtext(f"/CN={cert.issuer_cn}"),
+            "--cert-fingerprint",
+            cert.sha256,
+        ]
+
+    def _trusted(self, cert: Credential) -> bool:
+        return any(cert is self.pki.clients[name] for name in MTA_TRUSTED)
+
+    def check_explain(self, outcome: Outcome, session: Session) -> None:
+        """``relaymilter explain``, fed the macros this MTA sent, must agree."""
+        args = ["--client-address", session.source_ip, "--mail-from", outcome.txn.mail_from]
+        args += self.macros(session.cert, session.starttls)
+        for rcpt in outcome.decisions:
+            args += ["--rcpt", rcpt]
+        result = explain(self.milter.config_path, args)
+        by_rcpt = {r["recipient"]: r for r in result["recipients"]}
+        for rcpt, decision in outcome.decisions.items():
+            predicted = by_rcpt[rcpt]
+            # explain answers with what the MTA is told: in monitor mode a
+            # would-reject is a "continue" (with reason attr36).
+            live_action = "continue" if decision["action"] == "would-reject" else decision["action"]
+            assert (predicted["action"], predicted["reason"]) == (
+                live_action,
+                decision["reason"],
+            ), f"explain disagrees with {self.name} for {rcpt}: {predicted} vs {decision}"
+            if predicted["reply"] is not None:
+                # What relaymilter answers is what the client got (bar Sendmail's prefix).
+                seen = outcome.reply(rcpt).replace(f"<{rcpt}>... ", "")
+                assert predicted["reply"] == seen, (predicted["reply"], seen)
+        attribution = result["attribution"]
+        live = next(iter(outcome.decisions.values()))
+        for key in ("organization", "connector", "kind"):
+            assert (attribution[key] or "-") == live[key], (key, attribution, live)
+
+
+def is_tempfail(reply: Optional[Reply]) -> bool:
+    return reply is not None and 400 <= reply.code < 500

@@ -1,0 +1,96 @@
+"""Scenarios 9-11: monitor mode, relaymilter down, and reload, on each target."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from . import configs
+from .targets import Target, is_tempfail
+
+pytestmark = pytest.mark.e2e
+
+OWNED = "alice@contoso.com"
+FOREIGN = "john@fabrikam.com"
+EXTERNAL = "kate@tailspintoys.com"
+INTERNAL = "ceo@contoso.com"
+
+
+# -- 9: monitor mode -----------------------------------------------------------
+
+
+def test_monitor_mode_accepts_and_logs_would_reject(target: Target) -> None:
+    target.use(configs.standard(target.pki, mode="monitor"))
+    outcome = target.run(FOREIGN, [INTERNAL, EXTERNAL], starttls=False)
+    assert outcome.reply(EXTERNAL) == target.accepted(EXTERNAL)
+    assert outcome.decision(EXTERNAL)["action"] == "would-reject"
+    assert outcome.decision(EXTERNAL)["reason"] == "attr36"
+    assert outcome.decision(INTERNAL)["action"] == "continue"
+    assert sorted(outcome.delivered_to) == sorted([INTERNAL, EXTERNAL])
+
+    bounce = target.run("", [EXTERNAL], starttls=False)
+    assert bounce.reply(EXTERNAL) == target.accepted(EXTERNAL)
+    assert bounce.decision(EXTERNAL)["action"] == "would-reject"
+    assert bounce.delivered_to == [EXTERNAL]
+
+
+# -- 10: relaymilter stopped -----------------------------------------------------
+
+
+@pytest.fixture
+def milter_stopped(target: Target) -> Iterator[None]:
+    target.use(configs.standard(target.pki))
+    target.milter.stop()  # SIGTERM, as systemd would; libmilter takes ~5 s to exit
+    yield
+    target.use(configs.standard(target.pki))  # starts it again
+
+
+def test_milter_down_means_tempfail(target: Target, milter_stopped: None) -> None:
+    # Postfix: milter_default_action = tempfail; Sendmail: F=T. Either way
+    # nothing is accepted, not even what relaymilter would have allowed.
+    # (One test per target: stopping relaymilter is the slow part.)
+    for sender in (OWNED, FOREIGN, ""):
+        txn = target.session(starttls=False).transaction(sender, [INTERNAL, EXTERNAL])
+        assert txn.mail is not None and txn.mail.line == target.milter_down_reply, sender
+        assert not txn.accepted, sender
+        assert all(is_tempfail(r) or r.code == 503 for r in txn.rcpts.values()), txn.rcpts
+        assert not txn.queued
+        assert not target.sink.find(txn.token)
+
+    # The certificate does not help: STARTTLS itself is refused.
+    with_cert = target.session("mail").transaction(FOREIGN, [EXTERNAL])
+    assert with_cert.starttls is not None
+    assert with_cert.starttls.line == target.milter_down_starttls_reply
+    assert with_cert.mail is not None and with_cert.mail.line == target.milter_down_reply
+    assert not with_cert.accepted
+    assert not with_cert.queued
+
+
+# -- 11: reload ------------------------------------------------------------------
+
+
+def test_reload_applies_to_next_connection_and_survives_broken_config(target: Target) -> None:
+    standard = configs.standard(target.pki)
+    target.use(standard)
+    with target.session(starttls=False) as before_reload:
+        # The MTA is connected to relaymilter now, in the middle of a session.
+        assert (
+            target.milter.reload(configs.dump(configs.with_fabrikam_accepted(standard))) == "loaded"
+        )
+
+        after = target.run(FOREIGN, [EXTERNAL], starttls=False)
+        assert after.reply(EXTERNAL) == target.accepted(EXTERNAL)
+        assert after.decision(EXTERNAL)["reason"] == "sender-domain"
+        assert after.delivered_to == [EXTERNAL]
+
+        # A connection keeps the configuration it started with.
+        old = target.run(FOREIGN, [EXTERNAL], session=before_reload, check_explain=False)
+        assert old.reply(EXTERNAL) == target.refusal(EXTERNAL)
+
+    # A broken file is refused and the last good configuration stays in force.
+    assert target.milter.reload(configs.BROKEN) == "failed"
+    kept = target.run(FOREIGN, [EXTERNAL], starttls=False, check_explain=False)
+    assert kept.reply(EXTERNAL) == target.accepted(EXTERNAL)
+    assert kept.decision(EXTERNAL)["reason"] == "sender-domain"
+    assert target.milter.running
