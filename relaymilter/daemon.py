@@ -54,6 +54,7 @@ class Daemon:
             logger.error("cannot start: --socket %s", exc)
             return 1
         RelayMilter.current_config = config
+        RelayMilter.stream_socket = not spec.is_unix
         signal.pthread_sigmask(signal.SIG_BLOCK, _BLOCKED_SIGNALS)
         if not self._open_socket(spec):
             return 1

@@ -32,6 +32,26 @@ MAIL_MACROS = ("{cert_subject}", "{cert_issuer}", "{verify}", "{cn_subject}", "{
 #: first accepted recipient) and Sendmail's certificate fingerprints.
 RCPT_MACROS = ("i", "{cert_fp}", "{cert_md5}")
 
+# The protocol steps asked of the MTA. The MTA never sends headers, body or
+# unknown commands, nor HELO (its macros still arrive), and the callbacks that
+# only take note (connect, MAIL FROM) are not answered.
+LOCAL_PROTOCOL = (
+    Milter.P_NOHELO
+    | Milter.P_NOHDRS
+    | Milter.P_NOBODY
+    | Milter.P_NOUNKNOWN
+    | Milter.P_NODATA
+    | Milter.P_NOEOH
+    | Milter.P_NR_CONN
+    | Milter.P_NR_MAIL
+)
+# Over TCP, every write the MTA makes must be answered: Postfix sends a macro
+# packet even for a skipped step, and two unanswered writes in a row meet
+# Nagle's algorithm on the MTA side and a delayed ACK on ours, a 40 ms stall
+# per message. DATA and end-of-headers are therefore taken (pymilter answers
+# them in C, there is no Python callback) and every step gets a reply.
+STREAM_PROTOCOL = Milter.P_NOHELO | Milter.P_NOHDRS | Milter.P_NOBODY | Milter.P_NOUNKNOWN
+
 _connection_ids = itertools.count(1)
 
 # pymilter's constants, typed.
@@ -67,6 +87,8 @@ class RelayMilter(Milter.Base):  # type: ignore[misc]
 
     #: The configuration new connections use; reload swaps this one reference.
     current_config: Config
+    #: Whether the milter listens on TCP (inet/inet6) rather than a unix socket.
+    stream_socket = False
     counter = DecisionCounter()
 
     def __init__(self) -> None:
@@ -91,8 +113,9 @@ class RelayMilter(Milter.Base):  # type: ignore[misc]
                 # passes bytes where the extension wants str.
                 self._ctx.setsymlist(Milter.M_ENVFROM, " ".join(MAIL_MACROS))
                 self._ctx.setsymlist(Milter.M_ENVRCPT, " ".join(RCPT_MACROS))
+            wanted = STREAM_PROTOCOL if RelayMilter.stream_socket else LOCAL_PROTOCOL
             opts[0] = self._actions
-            opts[1] = self._protocol = offered_protocol & ~self.protocol_mask()
+            opts[1] = self._protocol = offered_protocol & wanted
             opts[2] = opts[3] = 0
             return CONTINUE
         except Exception:

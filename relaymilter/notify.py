@@ -1,40 +1,261 @@
-"""systemd notification: READY, RELOADING, STOPPING (the watchdog comes with packaging)."""
+"""systemd notifications: readiness, status, reload, stop, and a watchdog that checks the milter.
+
+Sent with the ``sdnotify`` package, only when systemd set ``NOTIFY_SOCKET``
+(``Type=notify``); otherwise every method does nothing.
+
+The watchdog (``WatchdogSec=`` in the unit) does not merely prove that the
+Python process is alive: every half period it connects to the milter's own
+socket and completes a milter option negotiation (SMFIC_OPTNEG, the MTA's
+first command), which goes through libmilter's listener and a pymilter
+callback. Only if that works is ``WATCHDOG=1`` sent, so a milter that no longer
+answers its MTA is killed and restarted by systemd.
+"""
 
 from __future__ import annotations
 
+import ipaddress
+import logging
 import os
 import socket
-from typing import Callable
+import struct
+import threading
+import time
+from typing import Any, Callable, Mapping, Optional, Tuple
+
+import sdnotify
+
+from .socketspec import SocketSpecError, parse_socket_spec
+
+logger = logging.getLogger("relaymilter.notify")
+
+# The milter protocol's option negotiation, as an MTA sends it: version 6,
+# offering every action and protocol step (libmilter aborts a negotiation
+# that does not offer the actions the milter registered).
+SMFIC_OPTNEG = b"O"
+SMFIC_QUIT = b"Q"
+MILTER_VERSION = 6
+SMFI_V6_ACTS = 0x1FF
+SMFI_V6_PROT = 0x1FFFFF
+# A reply packet larger than this is not an option negotiation reply (which
+# is 13 bytes plus an optional macro list).
+_MAX_REPLY = 64 * 1024
+
+#: (address family, socket address) to connect to.
+Address = Tuple[int, Any]
 
 
 class ServiceNotifier:
-    """Tells systemd (when NOTIFY_SOCKET is set) how the daemon is doing."""
+    """Tells systemd (when NOTIFY_SOCKET is set) how the daemon is doing.
+
+    ``socket_spec`` is the milter's listening socket, for the watchdog's
+    self-check; ``status`` returns the current STATUS= text.
+    """
 
     def __init__(self, socket_spec: str, status: Callable[[], str]) -> None:
         self._socket_spec = socket_spec
         self._status = status
-        self._address = os.environ.get("NOTIFY_SOCKET")
+        self._notifier = _connect_notifier()
+        self._stop = threading.Event()
+        self._watchdog: Optional[threading.Thread] = None
 
-    def _send(self, message: str) -> None:
-        if not self._address:
-            return
-        address = self._address
-        if address.startswith("@"):
-            address = "\0" + address[1:]
-        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
-            sock.sendto(message.encode(), address)
+    @property
+    def enabled(self) -> bool:
+        return self._notifier is not None
 
     def ready(self) -> None:
-        self._send(f"READY=1\nSTATUS={self._status()}")
+        """The config is loaded and the milter socket listens."""
+        self._send("READY=1", self._status_line())
 
     def reloading(self) -> None:
-        self._send("RELOADING=1")
+        # MONOTONIC_USEC lets systemd (254+, Type=notify-reload) match the
+        # RELOADING=1 with the reload it asked for; older versions ignore it.
+        usec = time.monotonic_ns() // 1000
+        self._send("RELOADING=1", f"MONOTONIC_USEC={usec}", "STATUS=reloading the configuration")
 
     def reloaded(self) -> None:
-        self._send(f"READY=1\nSTATUS={self._status()}")
+        """Back in service, with the new config or, after a failed reload, the old one."""
+        self._send("READY=1", self._status_line())
 
     def stopping(self) -> None:
-        self._send("STOPPING=1")
+        self._stop.set()
+        self._send("STOPPING=1", "STATUS=stopping")
 
-    def start_watchdog(self) -> None:
-        """The watchdog arrives with the systemd unit."""
+    def start_watchdog(self) -> bool:
+        """Start the watchdog thread if systemd asked for pings; return whether it started."""
+        interval = watchdog_interval(os.environ, os.getpid())
+        if interval is None or self._notifier is None or self._watchdog is not None:
+            return False
+        address = self._check_address()
+        self._watchdog = threading.Thread(
+            target=self._watch, args=(address, interval), name="watchdog", daemon=True
+        )
+        self._watchdog.start()
+        return True
+
+    def _check_address(self) -> Optional[Address]:
+        try:
+            return milter_address(self._socket_spec)
+        except (SocketSpecError, OSError) as exc:
+            # Not expected: the daemon listens on this very spec. Keep the
+            # service up, but say that the watchdog proves less.
+            logger.warning(
+                "watchdog: cannot check the milter socket %s (%s); pinging without the check",
+                self._socket_spec,
+                exc,
+            )
+            return None
+
+    def _watch(self, address: Optional[Address], interval: float) -> None:
+        # A check gets at most half an interval, plus a shorter grace on
+        # failure (see _ping_if_answering): the next ping still falls inside
+        # WatchdogSec = 2 * interval.
+        timeout = min(5.0, interval / 2)
+        healthy = True
+        # Check (and ping) at once, then every interval: the first ping must
+        # not wait for a whole interval after a slow start.
+        while True:
+            healthy = self._ping_if_answering(address, timeout, healthy)
+            if self._stop.wait(interval):
+                return
+
+    def _ping_if_answering(self, address: Optional[Address], timeout: float, healthy: bool) -> bool:
+        """One self-check; WATCHDOG=1 if it passed. Logs only changes of health."""
+        problem = None if address is None else milter_check(address, timeout)
+        if problem is None:
+            self._send("WATCHDOG=1", self._status_line())
+            if not healthy:
+                logger.warning("watchdog: the milter answers again on %s", self._socket_spec)
+            return True
+        # After SIGTERM libmilter stops accepting (our check is what wakes its
+        # accept loop) a moment before milter.main() returns and stopping()
+        # is called: a failure then is the shutdown, not a hang.
+        if self._stop.wait(min(1.0, timeout / 2)):
+            return False
+        if healthy:
+            logger.error(
+                "watchdog: the milter does not answer on %s (%s); not telling systemd it is alive",
+                self._socket_spec,
+                problem,
+            )
+        return False
+
+    def _status_line(self) -> str:
+        try:
+            text = self._status()
+        except Exception:  # a status is never worth failing a notification
+            logger.debug("status text failed", exc_info=True)
+            return "STATUS=running"
+        # One line: a newline would end the assignment.
+        return "STATUS=" + " ".join(text.split())
+
+    def _send(self, *assignments: str) -> None:
+        if self._notifier is None:
+            return
+        message = "\n".join(assignments)
+        try:
+            # sdnotify encodes with latin-1, which would fail on any other
+            # character in STATUS= and drop the whole message (READY=1 too).
+            # Handing it the UTF-8 bytes as latin-1 code points sends UTF-8,
+            # which systemd expects.
+            self._notifier.notify(message.encode("utf-8").decode("latin-1"))
+        except OSError as exc:
+            logger.warning("cannot notify systemd (%s): %s", exc, message.splitlines()[0])
+
+
+def _connect_notifier() -> Any:
+    """An sdnotify notifier bound to NOTIFY_SOCKET, or None when not run by systemd."""
+    if not os.environ.get("NOTIFY_SOCKET"):
+        return None
+    try:
+        # debug=True: raise instead of silently swallowing errors.
+        return sdnotify.SystemdNotifier(debug=True)
+    except OSError as exc:
+        logger.warning(
+            "cannot reach systemd's NOTIFY_SOCKET %s: %s", os.environ["NOTIFY_SOCKET"], exc
+        )
+        return None
+
+
+def watchdog_interval(environ: Mapping[str, str], pid: int) -> Optional[float]:
+    """Seconds between pings (half of WATCHDOG_USEC), or None if no watchdog is asked of us."""
+    usec = environ.get("WATCHDOG_USEC", "")
+    if not usec.isdigit() or int(usec) == 0:
+        return None
+    # WATCHDOG_PID names the process that must ping; a child that inherited
+    # the environment must not ping for its parent.
+    owner = environ.get("WATCHDOG_PID", "")
+    if owner and owner != str(pid):
+        return None
+    return int(usec) / 2_000_000
+
+
+def milter_address(spec: str) -> Address:
+    """Where to connect to reach a milter listening on ``spec``.
+
+    A wildcard or empty host (libmilter listens on every address) is reached on
+    the loopback address of the same family.
+    """
+    parsed = parse_socket_spec(spec)
+    if parsed.is_unix:
+        return socket.AF_UNIX, parsed.path
+    family = socket.AF_INET6 if parsed.family == "inet6" else socket.AF_INET
+    host = parsed.host or ""
+    if _is_wildcard(host):
+        host = "::1" if family == socket.AF_INET6 else "127.0.0.1"
+    # A host name is resolved once, as libmilter did when it bound the socket.
+    info = socket.getaddrinfo(host, parsed.port, family, socket.SOCK_STREAM)
+    return family, info[0][4]
+
+
+def _is_wildcard(host: str) -> bool:
+    if host in ("", "*"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_unspecified
+    except ValueError:
+        return host.upper() == "INADDR_ANY"
+
+
+def milter_check(address: Address, timeout: float) -> Optional[str]:
+    """Negotiate options with the milter at ``address``; None if it answered, else why not."""
+    family, sockaddr = address
+    try:
+        with socket.socket(family, socket.SOCK_STREAM) as sock:
+            sock.settimeout(timeout)
+            sock.connect(sockaddr)
+            sock.sendall(
+                _packet(
+                    SMFIC_OPTNEG, struct.pack("!III", MILTER_VERSION, SMFI_V6_ACTS, SMFI_V6_PROT)
+                )
+            )
+            command, data = _read_packet(sock)
+            if command != SMFIC_OPTNEG or len(data) < 12:
+                return f"unexpected reply {command!r} to the option negotiation"
+            sock.sendall(_packet(SMFIC_QUIT, b""))
+    except socket.timeout:
+        return f"no answer within {timeout:g} s"
+    except OSError as exc:
+        return str(exc)
+    return None
+
+
+def _packet(command: bytes, data: bytes) -> bytes:
+    return struct.pack("!I", len(command) + len(data)) + command + data
+
+
+def _read_packet(sock: socket.socket) -> Tuple[bytes, bytes]:
+    (length,) = struct.unpack("!I", _read_exactly(sock, 4))
+    if not 1 <= length <= _MAX_REPLY:
+        raise OSError(f"bad milter packet length {length}")
+    body = _read_exactly(sock, length)
+    return body[:1], body[1:]
+
+
+def _read_exactly(sock: socket.socket, size: int) -> bytes:
+    data = b""
+    while len(data) < size:
+        chunk = sock.recv(size - len(data))
+        if not chunk:
+            raise OSError("connection closed by the milter")
+        data += chunk
+    return data

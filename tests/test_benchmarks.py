@@ -32,3 +32,22 @@ def test_scale_benchmark_smoke(tmp_path: Path) -> None:
     assert all(r["samples"] == 200 and r["p99_us"] > 0 for r in figures["scale"])
     assert figures["daemon"][0]["rss_mib"] > 0
     assert "p99 us" in result.stdout
+
+
+def test_throughput_benchmark_smoke(tmp_path: Path) -> None:
+    out = tmp_path / "throughput.json"
+    result = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "throughput.py"), "--smoke", "--json", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=REPO,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    figures = json.loads(out.read_text())
+    listeners = {"baseline", "relay-unix", "relay-inet", "naive-unix"}
+    assert {(r["workload"], r["listener"]) for r in figures["runs"]} == {
+        (w, listener) for w in ("W1", "W2", "W3") for listener in listeners
+    }
+    assert all(r["messages"] == 20 and r["rate"] > 0 for r in figures["runs"])
+    assert set(figures["summary"]["peak_rss_mib"]) == listeners - {"baseline"}

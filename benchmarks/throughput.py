@@ -1,0 +1,479 @@
+#!/usr/bin/env python3
+"""Throughput benchmark: Postfix with and without relaymilter, driven by smtp-source.
+
+One private Postfix 3.7 instance (Debian's binaries; nothing of the host's
+Postfix is touched) gets four smtpd listeners on loopback:
+
+  baseline     no milter: the physical limit of this machine
+  relay-unix   relaymilter on a unix socket
+  relay-inet   relaymilter on an inet socket (127.0.0.1)
+  naive-unix   a do-nothing pymilter milter that overrides every callback
+
+Mail is relayed to Postfix's smtp-sink. Postfix's load generator smtp-source
+drives each listener in turn, in an order that rotates every round (A B C D,
+B C D A, ...), so that the ratios of one round are taken under the same
+machine conditions; between runs the queue is drained. Workloads:
+
+  W1  20 concurrent sessions, one message per connection, one allowed external recipient
+  W2  the same with connection reuse (smtp-source -d: many messages per session)
+  W3  20 sessions, one message per connection, 5 recipients per message from a
+      foreign sender: 2 in the organization's domain (accepted) and 3 external
+      (refused with 550 5.7.64 on the milter listeners). smtp-source exits on the
+      first refused recipient, so W3 uses a small asyncio SMTP client
+      (``smtp_load`` below) that speaks plain SMTP the same way.
+
+Reported per workload and listener: messages per second (min/median/max over
+the rounds), the ratio to the baseline of the same round (min/median/max), the
+milter's CPU time per 1000 messages (from /proc/PID/stat) and its peak RSS.
+
+Usage:
+  benchmarks/throughput.py                       # 5 rounds x 2000 messages (a few minutes)
+  benchmarks/throughput.py --rounds 7 --messages 4000 --json out.json
+  benchmarks/throughput.py --smoke               # 1 round, a few messages (test suite)
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from tests.e2e.util import alive, descendants, free_port, kill_leftovers, wait_for  # noqa: E402
+from tests.support import stop_promptly  # noqa: E402
+
+POSTFIX = "/usr/sbin/postfix"
+SMTP_SOURCE = "/usr/sbin/smtp-source"
+SMTP_SINK = "/usr/sbin/smtp-sink"
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+LISTENERS = ("baseline", "relay-unix", "relay-inet", "naive-unix")
+OWNED_SENDER = "app@contoso.com"
+FOREIGN_SENDER = "john@fabrikam.example"
+EXTERNAL_RECIPIENT = "kate@tailspintoys.example"
+
+RELAYMILTER_CONFIG = """\
+socket: inet:8894@127.0.0.1
+organizations:
+  - name: contoso
+    accepted_domains: [contoso.com]
+    connectors:
+      - name: loopback
+        sender_ip_addresses: [127.0.0.0/8]
+"""
+
+MAIN_CF = """\
+compatibility_level = 3.6
+queue_directory = {base}/queue
+data_directory = {base}/data
+mail_owner = postfix
+setgid_group = postdrop
+myhostname = bench.test
+mydestination =
+local_recipient_maps =
+alias_maps =
+alias_database =
+relayhost = [127.0.0.1]:{sink_port}
+inet_interfaces = 127.0.0.1
+inet_protocols = ipv4
+mynetworks = 127.0.0.0/8
+smtpd_relay_restrictions = permit_mynetworks, reject_unauth_destination
+smtpd_peername_lookup = no
+maillog_file = {base}/maillog
+maillog_file_prefixes = {base}
+in_flow_delay = 0
+biff = no
+smtputf8_enable = no
+smtp_tls_security_level = none
+milter_default_action = tempfail
+"""
+
+MASTER_CF = """\
+127.0.0.1:{baseline} inet n - n - - smtpd
+127.0.0.1:{relay_unix} inet n - n - - smtpd -o smtpd_milters=unix:{base}/sockets/relay.sock
+127.0.0.1:{relay_inet} inet n - n - - smtpd -o smtpd_milters=inet:127.0.0.1:{milter_port}
+127.0.0.1:{naive_unix} inet n - n - - smtpd -o smtpd_milters=unix:{base}/sockets/naive.sock
+pickup    unix  n       -       n       60      1       pickup
+cleanup   unix  n       -       n       -       0       cleanup
+qmgr      unix  n       -       n       300     1       qmgr
+rewrite   unix  -       -       n       -       -       trivial-rewrite
+bounce    unix  -       -       n       -       0       bounce
+defer     unix  -       -       n       -       0       bounce
+trace     unix  -       -       n       -       0       bounce
+verify    unix  -       -       n       -       1       verify
+flush     unix  n       -       n       1000?   0       flush
+proxymap  unix  -       -       n       -       -       proxymap
+smtp      unix  -       -       n       -       -       smtp
+relay     unix  -       -       n       -       -       smtp
+showq     unix  n       -       n       -       -       showq
+error     unix  -       -       n       -       -       error
+retry     unix  -       -       n       -       -       error
+discard   unix  -       -       n       -       -       discard
+anvil     unix  -       -       n       -       1       anvil
+scache    unix  -       -       n       -       1       scache
+postlog   unix-dgram n  -       n       -       1       postlogd
+"""
+
+
+@dataclass
+class Milter:
+    name: str
+    spec: str
+    process: subprocess.Popen[bytes]
+
+    def cpu_seconds(self) -> float:
+        fields = Path(f"/proc/{self.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # utime + stime
+
+    def peak_rss_mib(self) -> float:
+        for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return round(int(line.split()[1]) / 1024, 1)
+        return 0.0
+
+
+@dataclass
+class Run:
+    workload: str
+    listener: str
+    round: int
+    messages: int
+    seconds: float
+    milter_cpu: Optional[float]
+
+    @property
+    def rate(self) -> float:
+        return self.messages / self.seconds
+
+
+@dataclass
+class Bench:
+    base: Path
+    ports: Dict[str, int] = field(default_factory=dict)
+    sink: Optional[subprocess.Popen[bytes]] = None
+    milters: Dict[str, Milter] = field(default_factory=dict)
+
+    # -- set-up ----------------------------------------------------------------
+
+    def start(self) -> None:
+        for name in (*LISTENERS, "sink", "milter"):
+            self.ports[name] = free_port()
+        for sub in ("etc", "queue", "data", "sockets"):
+            (self.base / sub).mkdir(parents=True, exist_ok=True)
+        os.chmod(self.base, 0o755)
+        shutil.chown(self.base / "data", "postfix", "postfix")
+        # smtpd (user postfix) reaches the 0660 milter sockets through their group.
+        shutil.chown(self.base / "sockets", "root", "postfix")
+        os.chmod(self.base / "sockets", 0o2750)
+        self._start_sink()
+        self._start_milters()
+        self._start_postfix()
+
+    def _start_sink(self) -> None:
+        port = self.ports["sink"]
+        self.sink = subprocess.Popen(
+            [SMTP_SINK, "-u", "nobody", f"127.0.0.1:{port}", "256"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        wait_for(lambda: _connects(("127.0.0.1", port)), 10, "smtp-sink")
+
+    def _start_milters(self) -> None:
+        config = self.base / "relaymilter.yml"
+        config.write_text(RELAYMILTER_CONFIG)
+        sockets = self.base / "sockets"
+        relay = [sys.executable, "-m", "relaymilter", "run", "-c", str(config), "--socket"]
+        naive = [sys.executable, str(REPO / "benchmarks" / "naive_milter.py")]
+        specs = {
+            "relay-unix": (relay, f"unix:{sockets}/relay.sock"),
+            "relay-inet": (relay, f"inet:{self.ports['milter']}@127.0.0.1"),
+            "naive-unix": (naive, f"unix:{sockets}/naive.sock"),
+        }
+        for name, (command, spec) in specs.items():
+            log = open(self.base / f"{name}.log", "wb")  # noqa: SIM115 - lives as long as the process
+            process = subprocess.Popen(
+                [*command, spec],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=REPO,
+                preexec_fn=_umask_007,
+            )
+            self.milters[name] = Milter(name, spec, process)
+        for milter in self.milters.values():
+            wait_for(lambda m=milter: _milter_ready(m), 20, f"{milter.name} to listen")  # type: ignore[misc]
+
+    def _start_postfix(self) -> None:
+        values = {
+            "base": self.base,
+            "sink_port": self.ports["sink"],
+            "milter_port": self.ports["milter"],
+        }
+        values.update({name.replace("-", "_"): port for name, port in self.ports.items()})
+        (self.base / "etc" / "main.cf").write_text(MAIN_CF.format(**values))
+        (self.base / "etc" / "master.cf").write_text(MASTER_CF.format(**values))
+        self._postfix("start")
+        for name in LISTENERS:
+            wait_for(lambda p=self.ports[name]: _connects(("127.0.0.1", p)), 30, f"postfix {name}")  # type: ignore[misc]
+
+    def _postfix(self, *args: str) -> None:
+        subprocess.run(
+            [POSTFIX, "-c", str(self.base / "etc"), *args],
+            capture_output=True,
+            timeout=60,
+            check=False,
+        )
+
+    # -- runs ------------------------------------------------------------------
+
+    def queue_files(self) -> int:
+        queue = self.base / "queue"
+        return sum(
+            len(files)
+            for sub in ("maildrop", "incoming", "active", "deferred")
+            for _, _, files in os.walk(queue / sub)
+        )
+
+    def drain(self) -> None:
+        wait_for(lambda: self.queue_files() == 0, 120, "the queue to drain", interval=0.05)
+
+    def run(self, workload: str, listener: str, number: int, messages: int) -> Run:
+        milter = self.milters.get(listener)
+        cpu_before = milter.cpu_seconds() if milter else None
+        start = time.perf_counter()
+        if workload == "W3":
+            asyncio.run(smtp_load(self.ports[listener], 20, messages))
+        else:
+            self.smtp_source(workload, listener, messages)
+        seconds = time.perf_counter() - start
+        cpu = milter.cpu_seconds() - cpu_before if milter and cpu_before is not None else None
+        self.drain()
+        return Run(workload, listener, number, messages, seconds, cpu)
+
+    def smtp_source(self, workload: str, listener: str, messages: int) -> None:
+        command = [
+            SMTP_SOURCE,
+            "-s",
+            "20",
+            "-m",
+            str(messages),
+            "-l",
+            "512",
+            "-M",
+            "client.bench.test",
+            "-f",
+            OWNED_SENDER,
+            "-t",
+            EXTERNAL_RECIPIENT,
+        ]
+        if workload == "W2":
+            command.append("-d")  # do not disconnect: reuse the session for the next message
+        result = subprocess.run(
+            [*command, f"127.0.0.1:{self.ports[listener]}"],
+            capture_output=True,
+            timeout=600,
+            check=False,
+        )
+        if result.returncode != 0:
+            raise RuntimeError(
+                f"smtp-source failed ({workload}/{listener}): "
+                + result.stderr.decode(errors="replace")
+            )
+
+    # -- tear-down -------------------------------------------------------------
+
+    def stop(self) -> None:
+        pid_file = self.base / "queue" / "pid" / "master.pid"
+        pid = int(pid_file.read_text().split()[0]) if pid_file.exists() else 0
+        processes = [pid, *descendants(pid)] if pid and alive(pid) else []
+        self._postfix("stop")
+        if processes:
+            wait_for(lambda: not any(alive(p) for p in processes), 15, "postfix to stop")
+            kill_leftovers(processes, "/usr/lib/postfix/sbin/")
+        for milter in self.milters.values():
+            milter.process.terminate()
+            stop_promptly(milter.process, milter.spec)
+        if self.sink:
+            self.sink.terminate()
+            self.sink.wait(10)
+
+
+W3_RECIPIENTS = (
+    "a@contoso.com",
+    "b@contoso.com",
+    "c@tailspintoys.example",
+    "d@tailspintoys.example",
+    "e@fabrikam.example",
+)
+BODY = b"Subject: relaymilter benchmark\r\n\r\n" + b"x" * 480 + b"\r\n.\r\n"
+
+
+async def smtp_load(port: int, sessions: int, messages: int) -> None:
+    """``sessions`` concurrent clients, one message per connection, until ``messages`` are sent."""
+    remaining = [messages]
+
+    async def client() -> None:
+        while remaining[0] > 0:
+            remaining[0] -= 1
+            await one_message(port)
+
+    await asyncio.gather(*(client() for _ in range(sessions)))
+
+
+async def one_message(port: int) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+
+    async def command(line: bytes) -> bytes:
+        if line:
+            writer.write(line + b"\r\n")
+        reply = await reader.readline()
+        while reply[3:4] == b"-":
+            reply = await reader.readline()
+        return reply
+
+    try:
+        await command(b"")  # banner
+        await command(b"EHLO client.bench.test")
+        await command(b"MAIL FROM:<" + FOREIGN_SENDER.encode() + b">")
+        accepted = 0
+        for recipient in W3_RECIPIENTS:
+            accepted += (await command(b"RCPT TO:<" + recipient.encode() + b">")).startswith(b"250")
+        if accepted and (await command(b"DATA")).startswith(b"354"):
+            writer.write(BODY)
+            await command(b"")
+        await command(b"QUIT")
+    finally:
+        writer.close()
+
+
+def _umask_007() -> None:
+    os.umask(0o007)
+
+
+def _connects(address: Any) -> bool:
+    import socket
+
+    family = socket.AF_UNIX if isinstance(address, str) else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.settimeout(1)
+        try:
+            probe.connect(address)
+        except OSError:
+            return False
+    return True
+
+
+def _milter_ready(milter: Milter) -> bool:
+    if milter.process.poll() is not None:
+        raise RuntimeError(f"{milter.name} exited with {milter.process.returncode}")
+    kind, _, rest = milter.spec.partition(":")
+    if kind == "unix":
+        return _connects(rest)
+    port, _, host = rest.partition("@")
+    return _connects((host, int(port)))
+
+
+def summarize(runs: List[Run], milters: Dict[str, Milter]) -> Dict[str, Any]:
+    summary: Dict[str, Any] = {}
+    for workload in sorted({r.workload for r in runs}):
+        rows = {}
+        baseline = {
+            r.round: r.rate for r in runs if r.workload == workload and r.listener == "baseline"
+        }
+        for listener in LISTENERS:
+            mine = [r for r in runs if r.workload == workload and r.listener == listener]
+            rates = [r.rate for r in mine]
+            ratios = [r.rate / baseline[r.round] for r in mine]
+            cpu = [r.milter_cpu / r.messages * 1000 for r in mine if r.milter_cpu is not None]
+            rows[listener] = {
+                "rate": _spread(rates, 0),
+                "ratio": _spread(ratios, 3),
+                "milter_cpu_s_per_1000": _spread(cpu, 3) if cpu else None,
+            }
+        summary[workload] = rows
+    summary["peak_rss_mib"] = {name: m.peak_rss_mib() for name, m in milters.items()}
+    return summary
+
+
+def _spread(values: List[float], digits: int) -> Dict[str, float]:
+    return {
+        "min": round(min(values), digits),
+        "median": round(statistics.median(values), digits),
+        "max": round(max(values), digits),
+    }
+
+
+def report(summary: Dict[str, Any]) -> str:
+    lines = []
+    for workload, rows in summary.items():
+        if workload == "peak_rss_mib":
+            continue
+        lines.append(
+            f"{workload}: messages/s (min/median/max), ratio to baseline (min/median/max), "
+            "milter CPU s/1000 msgs (median)"
+        )
+        for listener, row in rows.items():
+            rate, ratio, cpu = row["rate"], row["ratio"], row["milter_cpu_s_per_1000"]
+            cpu_text = f"{cpu['median']:.3f}" if cpu else "-"
+            lines.append(
+                f"  {listener:<11} {rate['min']:>7.0f} {rate['median']:>7.0f} "
+                f"{rate['max']:>7.0f}   "
+                f"{ratio['min']:.3f} {ratio['median']:.3f} {ratio['max']:.3f}   {cpu_text}"
+            )
+    rss = ", ".join(f"{name} {value} MiB" for name, value in summary["peak_rss_mib"].items())
+    lines.append(f"peak RSS: {rss}")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--rounds", type=int, default=5, help="rounds per workload (default 5)")
+    parser.add_argument(
+        "--messages", type=int, default=2000, help="messages per run (default 2000)"
+    )
+    parser.add_argument(
+        "--workloads", nargs="+", default=["W1", "W2", "W3"], choices=["W1", "W2", "W3"]
+    )
+    parser.add_argument("--smoke", action="store_true", help="1 round of 20 messages per workload")
+    parser.add_argument("--json", metavar="FILE", help="write every run and the summary here")
+    parser.add_argument("--keep", action="store_true", help="keep the instance's directory (logs)")
+    args = parser.parse_args()
+    if os.geteuid() != 0:
+        parser.error("must run as root (a private Postfix instance needs it)")
+    rounds, messages = (1, 20) if args.smoke else (args.rounds, args.messages)
+    base = Path(tempfile.mkdtemp(prefix="relaymilter-bench-"))
+    bench = Bench(base)
+    runs: List[Run] = []
+    try:
+        bench.start()
+        for workload in args.workloads:
+            for number in range(rounds):
+                order = LISTENERS[number % 4 :] + LISTENERS[: number % 4]
+                for listener in order:
+                    runs.append(bench.run(workload, listener, number, messages))
+        summary = summarize(runs, bench.milters)
+    finally:
+        bench.stop()
+        if not args.keep:
+            shutil.rmtree(base, ignore_errors=True)
+    print(report(summary))
+    if args.json:
+        raw = [vars(r) | {"rate": r.rate} for r in runs]
+        Path(args.json).write_text(json.dumps({"summary": summary, "runs": raw}, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

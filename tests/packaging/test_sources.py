@@ -1,0 +1,159 @@
+"""The packaging sources agree with each other and with the code: versions, unit, man pages."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Dict, List, Tuple
+
+import pytest
+
+import relaymilter
+from relaymilter.cli import build_parser
+from relaymilter.config import parse_config
+
+from ..support import REPO
+
+pytestmark = pytest.mark.packaging
+
+UNIT = REPO / "packaging" / "relaymilter.service"
+MAN8 = REPO / "docs" / "man" / "relaymilter.8"
+MAN5 = REPO / "docs" / "man" / "relaymilter.yml.5"
+
+
+def unit_settings(path: Path) -> Dict[Tuple[str, str], List[str]]:
+    """(section, key) -> values, in order; systemd allows a key several times."""
+    settings: Dict[Tuple[str, str], List[str]] = {}
+    section = ""
+    for raw in path.read_text().splitlines():
+        line = raw.strip()
+        if not line or line.startswith(("#", ";")):
+            continue
+        if line.startswith("["):
+            section = line.strip("[]")
+            continue
+        key, _, value = line.partition("=")
+        settings.setdefault((section, key.strip()), []).append(value.strip())
+    return settings
+
+
+def test_versions_agree() -> None:
+    version = relaymilter.__version__
+    changelog = (REPO / "packaging" / "debian" / "changelog").read_text().splitlines()[0]
+    assert changelog.startswith(f"relaymilter ({version}-")
+    spec = (REPO / "packaging" / "rpm" / "relaymilter.spec").read_text()
+    assert re.search(rf"^Version:\s+{re.escape(version)}$", spec, re.MULTILINE)
+    for page in (MAN8, MAN5):
+        assert f'"relaymilter {version}"' in page.read_text().splitlines()[2], page
+
+
+def test_the_unit_has_readiness_watchdog_reload_and_sandbox() -> None:
+    s = unit_settings(UNIT)
+    assert s["Service", "Type"] == ["notify"]
+    assert s["Service", "User"] == ["relaymilter"]
+    assert s["Service", "UMask"] == ["0007"]
+    assert s["Service", "Restart"] == ["on-failure"]
+    assert s["Service", "WatchdogSec"]
+    assert (
+        "postfix.service" in s["Unit", "Before"][0] and "sendmail.service" in s["Unit", "Before"][0]
+    )
+    # Validate first, then SIGUSR1 (SIGHUP would stop libmilter).
+    assert s["Service", "ExecReload"] == [
+        "/usr/bin/relaymilter check-config -c ${RELAYMILTER_CONFIG}",
+        "/bin/kill -USR1 $MAINPID",
+    ]
+    assert s["Service", "ExecStart"] == ["/usr/bin/relaymilter run -c ${RELAYMILTER_CONFIG}"]
+    assert s["Service", "Environment"] == ["RELAYMILTER_CONFIG=/etc/relaymilter/relaymilter.yml"]
+    assert s["Service", "RuntimeDirectory"] == ["relaymilter"]
+    assert s["Service", "ReadWritePaths"] == ["-/var/spool/postfix/relaymilter"]
+    for key, value in [
+        ("ProtectSystem", "strict"),
+        ("NoNewPrivileges", "yes"),
+        ("PrivateTmp", "yes"),
+        ("RestrictAddressFamilies", "AF_UNIX AF_INET AF_INET6"),
+        ("CapabilityBoundingSet", ""),
+    ]:
+        assert s["Service", key] == [value], key
+    assert s["Service", "SystemCallFilter"][0] == "@system-service"
+    assert ("Service", "PIDFile") not in s  # Type=notify knows the main PID
+    assert s["Install", "WantedBy"] == ["multi-user.target"]
+
+
+def test_sysusers_creates_the_system_user() -> None:
+    lines = [
+        line
+        for line in (REPO / "packaging" / "relaymilter.sysusers").read_text().splitlines()
+        if line and not line.startswith("#")
+    ]
+    assert lines == ['u relaymilter - "relaymilter mail filter"']
+
+
+@pytest.mark.parametrize("page", [MAN8, MAN5], ids=lambda p: p.name)
+def test_man_pages_render_without_warnings(page: Path) -> None:
+    if shutil.which("groff") is None:
+        pytest.skip("groff is not installed")
+    result = subprocess.run(
+        ["groff", "-man", "-ww", "-z", str(page)], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0 and result.stderr == "", result.stderr
+
+
+def _roff_text(page: Path) -> str:
+    """The page's text with roff's escaped hyphens made plain."""
+    return page.read_text().replace("\\-", "-")
+
+
+def test_relaymilter_8_documents_every_command_and_option() -> None:
+    text = _roff_text(MAN8)
+    parser = build_parser()
+    subparsers = next(a for a in parser._actions if a.choices and isinstance(a.choices, dict))
+    for name, sub in subparsers.choices.items():
+        assert f".B {name}" in text, f"command {name} is not documented"
+        for action in sub._actions:
+            for option in action.option_strings:
+                if option not in ("-h", "--help"):
+                    assert option in text, f"{name} {option} is not documented"
+    assert "--version" in text
+    for signal_name in ("SIGUSR1", "SIGHUP", "SIGTERM"):
+        assert signal_name in text
+
+
+CONFIG_KEYS = [
+    "socket",
+    "mode",
+    "on_error",
+    "reject",
+    "code",
+    "status",
+    "text",
+    "organizations",
+    "name",
+    "accepted_domains",
+    "domain",
+    "match_subdomains",
+    "connectors",
+    "sender_ip_addresses",
+    "tls_sender_certificate_name",
+    "trusted_issuers",
+    "certificates",
+]
+
+
+def test_relaymilter_yml_5_documents_every_key() -> None:
+    text = _roff_text(MAN5)
+    config_source = (REPO / "relaymilter" / "config.py").read_text()
+    for key in CONFIG_KEYS:
+        assert key in text, f"{key} is not documented"
+        # Still a key the loader knows (a rename must update the page).
+        assert f'"{key}"' in config_source, f"{key} is no longer a config key"
+
+
+def test_the_example_in_relaymilter_yml_5_is_a_valid_config() -> None:
+    text = _roff_text(MAN5)
+    example = text.split(".SH EXAMPLE\n.nf\n", 1)[1].split("\n.fi\n", 1)[0]
+    # The certificate file it names does not exist here.
+    example = "\n".join(line for line in example.splitlines() if "certificates:" not in line)
+    config = parse_config(example, "relaymilter.yml.5")
+    assert [org.name for org in config.organizations] == ["contoso"]
