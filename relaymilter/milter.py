@@ -29,8 +29,9 @@ logger = logging.getLogger("relaymilter")
 #: EHLO after STARTTLS. libmilter keeps them for the whole transaction.
 MAIL_MACROS = ("{cert_subject}", "{cert_issuer}", "{verify}", "{cn_subject}", "{cn_issuer}")
 #: Macros asked for at RCPT TO: the queue id (Postfix sets it only after the
-#: first accepted recipient) and Sendmail's certificate fingerprints.
-RCPT_MACROS = ("i", "{cert_fp}", "{cert_md5}")
+#: first accepted recipient), the client address (so that the connect step,
+#: and its Python call, can be skipped) and Sendmail's certificate fingerprints.
+RCPT_MACROS = ("i", "{client_addr}", "{cert_fp}", "{cert_md5}")
 
 # The protocol steps asked of the MTA. The MTA never sends headers, body or
 # unknown commands, nor HELO (its macros still arrive), and the callbacks that
@@ -114,6 +115,9 @@ class RelayMilter(Milter.Base):  # type: ignore[misc]
                 self._ctx.setsymlist(Milter.M_ENVFROM, " ".join(MAIL_MACROS))
                 self._ctx.setsymlist(Milter.M_ENVRCPT, " ".join(RCPT_MACROS))
             wanted = STREAM_PROTOCOL if RelayMilter.stream_socket else LOCAL_PROTOCOL
+            if self._actions:
+                # {client_addr} arrives at RCPT TO: the connect step is not needed.
+                wanted |= Milter.P_NOCONNECT
             opts[0] = self._actions
             opts[1] = self._protocol = offered_protocol & wanted
             opts[2] = opts[3] = 0
@@ -148,6 +152,8 @@ class RelayMilter(Milter.Base):  # type: ignore[misc]
             if self.failed_in is not None:
                 raise RuntimeError(f"earlier failure in {self.failed_in}")
             if self.transaction is None:
+                if self.client_address is None:
+                    self._client_from_macro()
                 presented = certificate_from_macros(self.getsymval)
                 self.transaction = Transaction(
                     self.config, self.client_address, presented, self.mail_from
@@ -162,6 +168,11 @@ class RelayMilter(Milter.Base):  # type: ignore[misc]
             return self._internal_error("envrcpt", to)
 
     # -- helpers -----------------------------------------------------------
+
+    def _client_from_macro(self) -> None:
+        text = self.getsymval("{client_addr}")
+        self.client_address = parse_client_address(text)
+        self.client_label = str(self.client_address) if self.client_address else escape(text)
 
     def _queue_id(self) -> str:
         try:

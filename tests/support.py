@@ -205,6 +205,7 @@ class MilterSession:
         self.actions = 0
         self.protocol = 0
         self.symlists: Dict[int, List[str]] = {}
+        self.client_address: Optional[str] = None
 
     def negotiate(self) -> None:
         actions, protocol = codec.optneg_mta_capable(mc.SMFI_V6_ACTS, mc.SMFI_V6_PROT)
@@ -230,6 +231,10 @@ class MilterSession:
         return data
 
     def connect(self, address: str, hostname: str = "client.example") -> None:
+        # Like an MTA, send {client_addr} later if the milter asked for it.
+        self.client_address = address
+        if self.protocol & mc.SMFIP_NOCONNECT:
+            return
         family = mc.SMFIA_INET6 if ":" in address else mc.SMFIA_INET
         self.conn._send(
             mc.SMFIC_CONNECT, hostname=hostname, family=family, port=2525, address=address
@@ -249,7 +254,10 @@ class MilterSession:
 
     def rcpt(self, recipient: str, macros: Optional[Dict[str, str]] = None) -> str:
         """The reply: "continue", or the SMTP reply text such as "550 5.7.64 …"."""
-        self.macros(mc.SMFIC_RCPT, macros or {})
+        values = dict(macros or {})
+        if "{client_addr}" in self.symlists.get(3, ()) and self.client_address:
+            values.setdefault("{client_addr}", self.client_address)
+        self.macros(mc.SMFIC_RCPT, values)
         command, fields = self.conn.send_get(mc.SMFIC_RCPT, args=[recipient])
         if command == mc.SMFIR_CONTINUE:
             return "continue"
