@@ -8,6 +8,10 @@ Postfix is touched) gets four smtpd listeners on loopback:
   relay-unix   relaymilter on a unix socket
   relay-inet   relaymilter on an inet socket (127.0.0.1)
   naive-unix   a do-nothing pymilter milter that overrides every callback
+  floor-unix   the cheapest pymilter milter that asks for its own macros: relaymilter's
+               negotiation, no Python callback after it (benchmarks/floor_milter.py)
+  before-unix  with --compare DIR: the relaymilter of another checkout (for
+               before/after figures taken in the same run)
 
 Mail is relayed to Postfix's smtp-sink. Postfix's load generator smtp-source
 drives each listener in turn, in an order that rotates every round (A B C D,
@@ -46,7 +50,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -58,7 +62,7 @@ POSTFIX = "/usr/sbin/postfix"
 SMTP_SOURCE = "/usr/sbin/smtp-source"
 SMTP_SINK = "/usr/sbin/smtp-sink"
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
-LISTENERS = ("baseline", "relay-unix", "relay-inet", "naive-unix")
+LISTENERS = ("baseline", "relay-unix", "relay-inet", "naive-unix", "floor-unix")
 OWNED_SENDER = "app@contoso.com"
 FOREIGN_SENDER = "john@fabrikam.example"
 EXTERNAL_RECIPIENT = "kate@tailspintoys.example"
@@ -99,11 +103,7 @@ smtp_tls_security_level = none
 milter_default_action = tempfail
 """
 
-MASTER_CF = """\
-127.0.0.1:{baseline} inet n - n - - smtpd
-127.0.0.1:{relay_unix} inet n - n - - smtpd -o smtpd_milters=unix:{base}/sockets/relay.sock
-127.0.0.1:{relay_inet} inet n - n - - smtpd -o smtpd_milters=inet:127.0.0.1:{milter_port}
-127.0.0.1:{naive_unix} inet n - n - - smtpd -o smtpd_milters=unix:{base}/sockets/naive.sock
+MASTER_SERVICES = """\
 pickup    unix  n       -       n       60      1       pickup
 cleanup   unix  n       -       n       -       0       cleanup
 qmgr      unix  n       -       n       300     1       qmgr
@@ -132,9 +132,10 @@ class Milter:
     spec: str
     process: subprocess.Popen[bytes]
 
-    def cpu_seconds(self) -> float:
+    def cpu_seconds(self) -> Tuple[float, float]:
+        """(user, system) CPU seconds of the milter process, all threads."""
         fields = Path(f"/proc/{self.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # utime + stime
+        return int(fields[11]) / CLOCK_TICKS, int(fields[12]) / CLOCK_TICKS
 
     def peak_rss_mib(self) -> float:
         for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
@@ -151,6 +152,8 @@ class Run:
     messages: int
     seconds: float
     milter_cpu: Optional[float]
+    milter_user: Optional[float] = None
+    milter_sys: Optional[float] = None
 
     @property
     def rate(self) -> float:
@@ -160,14 +163,20 @@ class Run:
 @dataclass
 class Bench:
     base: Path
+    compare: Optional[Path] = None
+    sessions: int = 20
     ports: Dict[str, int] = field(default_factory=dict)
     sink: Optional[subprocess.Popen[bytes]] = None
     milters: Dict[str, Milter] = field(default_factory=dict)
 
     # -- set-up ----------------------------------------------------------------
 
+    @property
+    def listeners(self) -> Tuple[str, ...]:
+        return LISTENERS + (("before-unix",) if self.compare else ())
+
     def start(self) -> None:
-        for name in (*LISTENERS, "sink", "milter"):
+        for name in (*self.listeners, "sink", "milter"):
             self.ports[name] = free_port()
         for sub in ("etc", "queue", "data", "sockets"):
             (self.base / sub).mkdir(parents=True, exist_ok=True)
@@ -195,18 +204,23 @@ class Bench:
         sockets = self.base / "sockets"
         relay = [sys.executable, "-m", "relaymilter", "run", "-c", str(config), "--socket"]
         naive = [sys.executable, str(REPO / "benchmarks" / "naive_milter.py")]
+        floor = [sys.executable, str(REPO / "benchmarks" / "floor_milter.py")]
         specs = {
             "relay-unix": (relay, f"unix:{sockets}/relay.sock"),
             "relay-inet": (relay, f"inet:{self.ports['milter']}@127.0.0.1"),
             "naive-unix": (naive, f"unix:{sockets}/naive.sock"),
+            "floor-unix": (floor, f"unix:{sockets}/floor.sock"),
         }
+        if self.compare:
+            specs["before-unix"] = (relay, f"unix:{sockets}/before.sock")
         for name, (command, spec) in specs.items():
             log = open(self.base / f"{name}.log", "wb")  # noqa: SIM115 - lives as long as the process
             process = subprocess.Popen(
                 [*command, spec],
                 stdout=log,
                 stderr=subprocess.STDOUT,
-                cwd=REPO,
+                # "python -m relaymilter" takes the package from its working directory.
+                cwd=self.compare if name == "before-unix" else REPO,
                 preexec_fn=_umask_007,
             )
             self.milters[name] = Milter(name, spec, process)
@@ -221,10 +235,25 @@ class Bench:
         }
         values.update({name.replace("-", "_"): port for name, port in self.ports.items()})
         (self.base / "etc" / "main.cf").write_text(MAIN_CF.format(**values))
-        (self.base / "etc" / "master.cf").write_text(MASTER_CF.format(**values))
+        (self.base / "etc" / "master.cf").write_text(self.master_cf())
         self._postfix("start")
-        for name in LISTENERS:
+        for name in self.listeners:
             wait_for(lambda p=self.ports[name]: _connects(("127.0.0.1", p)), 30, f"postfix {name}")  # type: ignore[misc]
+
+    def master_cf(self) -> str:
+        lines = []
+        for name in self.listeners:
+            line = f"127.0.0.1:{self.ports[name]} inet n - n - - smtpd"
+            milter = self.milters.get(name)
+            if milter is not None:
+                kind, _, rest = milter.spec.partition(":")
+                if kind == "unix":
+                    line += f" -o smtpd_milters=unix:{rest}"
+                else:  # libmilter's inet:PORT@HOST is Postfix's inet:HOST:PORT
+                    port, _, host = rest.partition("@")
+                    line += f" -o smtpd_milters=inet:{host}:{port}"
+            lines.append(line)
+        return "\n".join(lines) + "\n" + MASTER_SERVICES
 
     def _postfix(self, *args: str) -> None:
         subprocess.run(
@@ -249,22 +278,26 @@ class Bench:
 
     def run(self, workload: str, listener: str, number: int, messages: int) -> Run:
         milter = self.milters.get(listener)
-        cpu_before = milter.cpu_seconds() if milter else None
+        before = milter.cpu_seconds() if milter else (0.0, 0.0)
         start = time.perf_counter()
         if workload == "W3":
-            asyncio.run(smtp_load(self.ports[listener], 20, messages))
+            asyncio.run(smtp_load(self.ports[listener], self.sessions, messages))
         else:
             self.smtp_source(workload, listener, messages)
         seconds = time.perf_counter() - start
-        cpu = milter.cpu_seconds() - cpu_before if milter and cpu_before is not None else None
+        run = Run(workload, listener, number, messages, seconds, None)
+        if milter:
+            after = milter.cpu_seconds()
+            run.milter_user, run.milter_sys = after[0] - before[0], after[1] - before[1]
+            run.milter_cpu = run.milter_user + run.milter_sys
         self.drain()
-        return Run(workload, listener, number, messages, seconds, cpu)
+        return run
 
     def smtp_source(self, workload: str, listener: str, messages: int) -> None:
         command = [
             SMTP_SOURCE,
             "-s",
-            "20",
+            str(self.sessions),
             "-m",
             str(messages),
             "-l",
@@ -383,22 +416,26 @@ def _milter_ready(milter: Milter) -> bool:
     return _connects((host, int(port)))
 
 
-def summarize(runs: List[Run], milters: Dict[str, Milter]) -> Dict[str, Any]:
+def summarize(
+    runs: List[Run], milters: Dict[str, Milter], listeners: Tuple[str, ...]
+) -> Dict[str, Any]:
     summary: Dict[str, Any] = {}
     for workload in sorted({r.workload for r in runs}):
         rows = {}
         baseline = {
             r.round: r.rate for r in runs if r.workload == workload and r.listener == "baseline"
         }
-        for listener in LISTENERS:
+        for listener in listeners:
             mine = [r for r in runs if r.workload == workload and r.listener == listener]
             rates = [r.rate for r in mine]
             ratios = [r.rate / baseline[r.round] for r in mine]
             cpu = [r.milter_cpu / r.messages * 1000 for r in mine if r.milter_cpu is not None]
+            user = [r.milter_user / r.messages * 1000 for r in mine if r.milter_user is not None]
             rows[listener] = {
                 "rate": _spread(rates, 0),
                 "ratio": _spread(ratios, 3),
                 "milter_cpu_s_per_1000": _spread(cpu, 3) if cpu else None,
+                "milter_user_s_per_1000": _spread(user, 3) if user else None,
             }
         summary[workload] = rows
     summary["peak_rss_mib"] = {name: m.peak_rss_mib() for name, m in milters.items()}
@@ -420,11 +457,12 @@ def report(summary: Dict[str, Any]) -> str:
             continue
         lines.append(
             f"{workload}: messages/s (min/median/max), ratio to baseline (min/median/max), "
-            "milter CPU s/1000 msgs (median)"
+            "milter CPU s/1000 msgs (median: total, of which user)"
         )
         for listener, row in rows.items():
             rate, ratio, cpu = row["rate"], row["ratio"], row["milter_cpu_s_per_1000"]
-            cpu_text = f"{cpu['median']:.3f}" if cpu else "-"
+            user = row["milter_user_s_per_1000"]
+            cpu_text = f"{cpu['median']:.3f} {user['median']:.3f}" if cpu and user else "-"
             lines.append(
                 f"  {listener:<11} {rate['min']:>7.0f} {rate['median']:>7.0f} "
                 f"{rate['max']:>7.0f}   "
@@ -449,21 +487,33 @@ def main() -> int:
     parser.add_argument("--smoke", action="store_true", help="1 round of 20 messages per workload")
     parser.add_argument("--json", metavar="FILE", help="write every run and the summary here")
     parser.add_argument("--keep", action="store_true", help="keep the instance's directory (logs)")
+    parser.add_argument(
+        "--sessions", type=int, default=20, help="concurrent SMTP sessions (default 20)"
+    )
+    parser.add_argument(
+        "--compare",
+        metavar="DIR",
+        type=Path,
+        help="also run the relaymilter of this checkout (e.g. a git worktree of an older commit)",
+    )
     args = parser.parse_args()
     if os.geteuid() != 0:
         parser.error("must run as root (a private Postfix instance needs it)")
     rounds, messages = (1, 20) if args.smoke else (args.rounds, args.messages)
     base = Path(tempfile.mkdtemp(prefix="relaymilter-bench-"))
-    bench = Bench(base)
+    compare = args.compare.resolve() if args.compare else None
+    bench = Bench(base, compare=compare, sessions=args.sessions)
     runs: List[Run] = []
     try:
         bench.start()
         for workload in args.workloads:
             for number in range(rounds):
-                order = LISTENERS[number % 4 :] + LISTENERS[: number % 4]
+                listeners = bench.listeners
+                shift = number % len(listeners)
+                order = listeners[shift:] + listeners[:shift]
                 for listener in order:
                     runs.append(bench.run(workload, listener, number, messages))
-        summary = summarize(runs, bench.milters)
+        summary = summarize(runs, bench.milters, bench.listeners)
     finally:
         bench.stop()
         if not args.keep:

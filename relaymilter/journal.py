@@ -61,6 +61,12 @@ def configure_logging(level: int = logging.INFO) -> None:
     else:
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
+    # Every record would otherwise look up the process id and the thread (a
+    # libmilter thread, named "Dummy-N"): neither says anything here, and a
+    # decision is logged for every recipient.
+    logging.logProcesses = False
+    logging.logThreads = False
+    logging.logMultiprocessing = False
     logger = logging.getLogger("relaymilter")
     for old in logger.handlers:
         old.close()
@@ -166,13 +172,12 @@ class JournalHandler(logging.Handler):
             ("SYSLOG_FACILITY", str(SYSLOG_FACILITY_MAIL)),
             ("SYSLOG_IDENTIFIER", self.identifier),
             ("LOGGER", record.name),
-            ("THREAD_NAME", record.threadName),
             ("CODE_FILE", record.pathname),
             ("CODE_LINE", str(record.lineno)),
             ("CODE_FUNC", record.funcName),
         ]
         fields.extend(structured_fields(record))
-        # A hand-made LogRecord may lack the thread or function name; an
+        # A hand-made LogRecord may lack the function name; an
         # empty message is still a message.
         return [(name, value or "") for name, value in fields if value or name == "MESSAGE"]
 

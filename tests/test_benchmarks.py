@@ -45,7 +45,7 @@ def test_throughput_benchmark_smoke(tmp_path: Path) -> None:
     )
     assert result.returncode == 0, result.stdout + result.stderr
     figures = json.loads(out.read_text())
-    listeners = {"baseline", "relay-unix", "relay-inet", "naive-unix"}
+    listeners = {"baseline", "relay-unix", "relay-inet", "naive-unix", "floor-unix"}
     assert {(r["workload"], r["listener"]) for r in figures["runs"]} == {
         (w, listener) for w in ("W1", "W2", "W3") for listener in listeners
     }
