@@ -10,7 +10,8 @@ Postfix is touched) gets four smtpd listeners on loopback:
   naive-unix   a do-nothing pymilter milter that overrides every callback
   floor-unix   the cheapest pymilter milter that asks for its own macros: relaymilter's
                negotiation, no Python callback after it (benchmarks/floor_milter.py)
-  before-unix  with --compare DIR: the relaymilter of another checkout (for
+  before-unix, before-inet
+               with --compare DIR: the relaymilter of another checkout (for
                before/after figures taken in the same run)
 
 Mail is relayed to Postfix's smtp-sink. Postfix's load generator smtp-source
@@ -173,10 +174,10 @@ class Bench:
 
     @property
     def listeners(self) -> Tuple[str, ...]:
-        return LISTENERS + (("before-unix",) if self.compare else ())
+        return LISTENERS + (("before-unix", "before-inet") if self.compare else ())
 
     def start(self) -> None:
-        for name in (*self.listeners, "sink", "milter"):
+        for name in (*self.listeners, "sink", "milter", "before-milter"):
             self.ports[name] = free_port()
         for sub in ("etc", "queue", "data", "sockets"):
             (self.base / sub).mkdir(parents=True, exist_ok=True)
@@ -213,6 +214,7 @@ class Bench:
         }
         if self.compare:
             specs["before-unix"] = (relay, f"unix:{sockets}/before.sock")
+            specs["before-inet"] = (relay, f"inet:{self.ports['before-milter']}@127.0.0.1")
         for name, (command, spec) in specs.items():
             log = open(self.base / f"{name}.log", "wb")  # noqa: SIM115 - lives as long as the process
             process = subprocess.Popen(
@@ -220,7 +222,7 @@ class Bench:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 # "python -m relaymilter" takes the package from its working directory.
-                cwd=self.compare if name == "before-unix" else REPO,
+                cwd=self.compare if name.startswith("before-") else REPO,
                 preexec_fn=_umask_007,
             )
             self.milters[name] = Milter(name, spec, process)

@@ -18,6 +18,8 @@ def escape(value: Optional[str]) -> str:
     """
     if value is None:
         return "-"
+    if value.isascii() and value.isprintable() and "\\" not in value:
+        return value  # the usual case, checked in C
     out = []
     for ch in value:
         code = ord(ch)
