@@ -90,19 +90,9 @@ smtpd_tls_loglevel = 1
 {snippet}
 """
 
-MASTER_CF = """\
-# Private instance for relaymilter's end-to-end tests (generated).
-127.0.0.1:{unix_port} inet n - y - - smtpd
-  -o syslog_name=postfix/smtpd-unix
-127.0.0.1:{inet_port} inet n - n - - smtpd
-  -o syslog_name=postfix/smtpd-inet
-  -o smtpd_milters={inet_milter}
-# Only for showing why the snippet sets tempfail: a milter that is never up,
-# with milter_default_action = accept.
-127.0.0.1:{fail_open_port} inet n - n - - smtpd
-  -o syslog_name=postfix/smtpd-fail-open
-  -o smtpd_milters=inet:127.0.0.1:{dead_milter_port}
-  -o milter_default_action=accept
+# The services of a private instance (Debian's master.cf, nothing chrooted);
+# the benchmarks use them too.
+MASTER_SERVICES = """\
 pickup    unix  n       -       n       60      1       pickup
 cleanup   unix  n       -       n       -       0       cleanup
 qmgr      unix  n       -       n       300     1       qmgr
@@ -124,6 +114,21 @@ discard   unix  -       -       n       -       -       discard
 anvil     unix  -       -       n       -       1       anvil
 scache    unix  -       -       n       -       1       scache
 postlog   unix-dgram n  -       n       -       1       postlogd
+"""
+
+MASTER_CF = """\
+# Private instance for relaymilter's end-to-end tests (generated).
+127.0.0.1:{unix_port} inet n - y - - smtpd
+  -o syslog_name=postfix/smtpd-unix
+127.0.0.1:{inet_port} inet n - n - - smtpd
+  -o syslog_name=postfix/smtpd-inet
+  -o smtpd_milters={inet_milter}
+# Only for showing why the snippet sets tempfail: a milter that is never up,
+# with milter_default_action = accept.
+127.0.0.1:{fail_open_port} inet n - n - - smtpd
+  -o syslog_name=postfix/smtpd-fail-open
+  -o smtpd_milters=inet:127.0.0.1:{dead_milter_port}
+  -o milter_default_action=accept
 """
 
 
@@ -202,7 +207,7 @@ class PostfixInstance:
             fail_open_port=self.ports.fail_open,
             dead_milter_port=self.ports.dead_milter,
         )
-        (self.config_dir / "master.cf").write_text(master)
+        (self.config_dir / "master.cf").write_text(master + MASTER_SERVICES)
 
     def _prepare_dirs(self) -> None:
         # Postfix daemons run as "postfix" and must traverse every parent
