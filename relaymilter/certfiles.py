@@ -114,6 +114,9 @@ def load_certificate_file(path: str) -> CertificateFile:
             cert = x509.load_pem_x509_certificate(data)
         else:
             cert = x509.load_der_x509_certificate(data)
+        # cryptography parses extensions lazily: a malformed one fails here.
+        return describe_certificate(cert, path)
     except ValueError as exc:
         raise CertificateFileError(f"{path} is not a PEM or DER certificate: {exc}") from exc
-    return describe_certificate(cert, path)
+    except Exception as exc:
+        raise CertificateFileError(f"{path}: cannot read the certificate: {exc}") from exc

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Dict, Generic, List, Optional, Tuple, TypeVar
 
-from .domains import normalize_domain, parent_domains
+from .domains import is_host_name, normalize_domain, parent_domains
 
 V = TypeVar("V")
 
@@ -48,7 +48,7 @@ def parse_pattern(text: str) -> CertificatePattern:
             "a wildcard is allowed only as the whole first label, as in '*.contoso.com'"
         )
     domain = normalize_domain(rest)
-    if domain is None:
+    if domain is None or not is_host_name(domain):
         raise PatternError(f"{text!r} is not a valid domain name")
     if wildcard and "." not in domain:
         raise PatternError(f"{text!r} would match a whole top-level domain")

@@ -19,7 +19,7 @@ from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
 from .certfiles import CertificateFile, CertificateFileError, load_certificate_file
 from .certnames import CertificatePattern, PatternError, normalize_certificate_name, parse_pattern
-from .domains import normalize_domain, parent_domains
+from .domains import is_host_name, normalize_domain, parent_domains
 from .model import (
     DEFAULT_REJECT_CODE,
     DEFAULT_REJECT_STATUS,
@@ -151,10 +151,20 @@ class _Reader:
             self.error(node, path, f"must be {what}")
             return None
         # Plain strings are most of a config; only other tags need the constructor.
-        value = node.value if node.tag == _STR_TAG else _constructor.construct_object(node)
+        try:
+            value = node.value if node.tag == _STR_TAG else _constructor.construct_object(node)
+        except Exception as exc:  # a bad !!timestamp, an unknown !tag, ...
+            reason = str(exc).splitlines()[0]
+            self.error(
+                node, path, f"must be {what}; cannot read {node.value!r} as {node.tag}: {reason}"
+            )
+            return None
         # bool is an int subclass; "yes" must not pass as a number or vice versa.
         if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
-            self.error(node, path, f"must be {what}, not {_describe(value)}")
+            hint = ""
+            if isinstance(value, int) and ":" in node.value:
+                hint = " (YAML reads an unquoted a:b:c as a number: quote IPv6 addresses)"
+            self.error(node, path, f"must be {what}, not {_describe(value)}{hint}")
             return None
         return value
 
@@ -303,20 +313,21 @@ class _Reader:
     def read_organization(self, node: Node, path: str) -> Optional[Organization]:
         allowed = ("name", "accepted_domains", "connectors")
         fields = self.fields(node, path, allowed, required=allowed)
-        if fields is None or "name" not in fields:
+        if fields is None:
             return None
-        name = self.string(fields["name"][1], path + ".name")
+        name = self.string(fields["name"][1], path + ".name") if "name" in fields else None
         domains: Tuple[AcceptedDomain, ...] = ()
         if "accepted_domains" in fields:
             domains = self.read_accepted_domains(
                 fields["accepted_domains"][1], path + ".accepted_domains"
             )
-        if name is None:
-            return None
-        probe = Organization(name, domains, ())
+        # Read the connectors even without a valid name, to report their errors too.
+        probe = Organization(name or f"<{path}>", domains, ())
         connectors: Tuple[Connector, ...] = ()
         if "connectors" in fields:
             connectors = self.read_connectors(fields["connectors"][1], path + ".connectors", probe)
+        if name is None:
+            return None
         return Organization(name, domains, connectors)
 
     def read_accepted_domains(self, node: Node, path: str) -> Tuple[AcceptedDomain, ...]:
@@ -362,7 +373,7 @@ class _Reader:
         if text is None:
             return None
         domain = normalize_domain(text)
-        if domain is None or "*" in domain:
+        if domain is None or not is_host_name(domain):
             hint = " (use match_subdomains: true instead of a wildcard)" if "*" in text else ""
             self.error(domain_node, domain_path, f"{text!r} is not a valid domain name{hint}")
             return None

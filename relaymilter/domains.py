@@ -8,8 +8,11 @@ accepted domain.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Iterator, Optional
+
+import idna
 
 # RFC 1035 limits; an over-long name cannot be a real domain, and the IDNA codec
 # enforces the per-label limit for us.
@@ -32,13 +35,27 @@ def normalize_domain(text: str) -> Optional[str]:
         if "" in labels or max(map(len, labels)) > 63:
             return None
     else:
+        # IDNA 2008 with UTS 46 mapping (not Python's IDNA 2003 codec, which
+        # turns "straße" into "strasse", a different domain).
         try:
-            ascii_name = name.encode("idna").decode("ascii").lower()
-        except UnicodeError:
+            ascii_name = idna.encode(name, uts46=True, transitional=False).decode("ascii")
+        except (idna.IDNAError, UnicodeError):
             return None
     if len(ascii_name) > _MAX_DOMAIN_LENGTH or ".." in ascii_name:
         return None
     return ascii_name
+
+
+# A host name as a config may name it: letters, digits, hyphens (not at either
+# end of a label) and underscores, which some mail host names carry.
+_HOST_NAME = re.compile(
+    r"(?:[a-z0-9_](?:[a-z0-9_-]*[a-z0-9_])?\.)*[a-z0-9_](?:[a-z0-9_-]*[a-z0-9_])?"
+)
+
+
+def is_host_name(domain: str) -> bool:
+    """Whether a normalised domain is a plausible host name (for validating the config)."""
+    return _HOST_NAME.fullmatch(domain) is not None
 
 
 def parent_domains(domain: str) -> Iterator[str]:

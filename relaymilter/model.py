@@ -146,26 +146,31 @@ class Attribution:
 
 
 class CertificateFileIndex:
-    """Finds a configured certificate file for the certificate an MTA describes."""
+    """Finds the configured certificate files for the certificate an MTA describes."""
 
     def __init__(self, files: List[CertificateFile]) -> None:
         self._by_fingerprint: Dict[str, CertificateFile] = {}
-        self._by_names: Dict[Tuple[str, str], CertificateFile] = {}
+        self._by_names: Dict[Tuple[str, str], List[CertificateFile]] = {}
         for cert in files:
             for digest in cert.fingerprints:
                 self._by_fingerprint.setdefault(digest, cert)
             if cert.subject_cn and cert.issuer_cn:
                 key = (cert.subject_cn.casefold(), cert.issuer_cn.casefold())
-                self._by_names.setdefault(key, cert)
+                self._by_names.setdefault(key, []).append(cert)
 
-    def find(self, presented: PresentedCertificate) -> Optional[CertificateFile]:
-        """By fingerprint where the MTA sent one (Sendmail), else by subject and issuer CN."""
+    def find(self, presented: PresentedCertificate) -> List[CertificateFile]:
+        """By fingerprint where the MTA sent one (Sendmail), else by subject and issuer CN.
+
+        By names (Postfix) every matching file counts: an old and a renewed
+        certificate of one host share their CNs but may differ in their SANs.
+        """
         if presented.fingerprint:
-            return self._by_fingerprint.get(presented.fingerprint)
+            known = self._by_fingerprint.get(presented.fingerprint)
+            return [known] if known is not None else []
         if presented.subject_cn and presented.issuer_cn:
             key = (presented.subject_cn.casefold(), presented.issuer_cn.casefold())
-            return self._by_names.get(key)
-        return None
+            return self._by_names.get(key, [])
+        return []
 
 
 @dataclass(frozen=True)

@@ -65,8 +65,7 @@ class Decision:
 def certificate_names(config: Config, presented: PresentedCertificate) -> List[str]:
     """The names a trusted certificate carries: its CN, plus the DNS SANs of a matching file."""
     names = [presented.subject_cn] if presented.subject_cn else []
-    known = config.certificate_files.find(presented)
-    if known is not None:
+    for known in config.certificate_files.find(presented):
         names.extend(known.dns_names)
     normalized = (normalize_certificate_name(name) for name in names)
     return list(dict.fromkeys(n for n in normalized if n is not None))

@@ -251,3 +251,82 @@ def test_certificate_file_warnings(tmp_path: Path) -> None:
         "certificates[1]" in warnings[1]
         and "none of its names matches '*.contoso.com'" in warnings[1]
     )
+
+
+@pytest.mark.parametrize(
+    ("snippet", "expected"),
+    [
+        (
+            "mode: !!int x\n",
+            "relaymilter.yml:1: mode: must be a string; cannot read 'x' as tag:yaml.org,2002:int",
+        ),
+        (
+            "socket: !!timestamp 2020-13-45\n",
+            "relaymilter.yml:1: socket: must be a string; cannot read '2020-13-45'",
+        ),
+        (
+            "mode: !foo enforce\n",
+            "relaymilter.yml:1: mode: must be a string; cannot read 'enforce' as !foo",
+        ),
+    ],
+)
+def test_tagged_scalars_are_errors_not_crashes(snippet: str, expected: str) -> None:
+    errors = errors_of(snippet + MINIMAL)
+    assert any(e.startswith(expected) for e in errors), errors
+
+
+@pytest.mark.parametrize(
+    "domain",
+    [
+        "@contoso.com",
+        "user@contoso.com",
+        "http://contoso.com",
+        "contoso .com",
+        "contoso,com",
+        "contoso.com:25",
+        "-contoso.com",
+    ],
+)
+def test_domains_must_be_host_names(domain: str) -> None:
+    text = MINIMAL.replace("[contoso.com]", f"[contoso.com, {domain!r}]")
+    assert errors_of(text) == [
+        f"relaymilter.yml:3: organizations[0].accepted_domains[1]: {domain!r} is not a valid domain name"
+    ]
+    pattern = MINIMAL + f"      - {{name: c, tls_sender_certificate_name: {domain!r}}}\n"
+    assert errors_of(pattern) == [
+        f"relaymilter.yml:7: organizations[0].connectors[1].tls_sender_certificate_name: {domain!r} is not a valid domain name"
+    ]
+
+
+def test_unquoted_ipv6_gets_a_hint() -> None:
+    (error,) = errors_of(MINIMAL.replace("[192.0.2.0/24]", "[1:2:3:4:5:6:7:8]"))
+    assert error.endswith("(YAML reads an unquoted a:b:c as a number: quote IPv6 addresses)")
+
+
+def test_connectors_are_checked_even_when_the_organization_name_is_bad() -> None:
+    errors = errors_of(
+        MINIMAL.replace("name: contoso", 'name: ""').replace("192.0.2.0/24", "192.0.2.1/24")
+    )
+    assert errors == [
+        "relaymilter.yml:2: organizations[0].name: must not be empty",
+        "relaymilter.yml:6: organizations[0].connectors[0].sender_ip_addresses[0]: '192.0.2.1/24' has host bits set; did you mean 192.0.2.0/24?",
+    ]
+
+
+def test_renewed_certificate_files_both_count_on_postfix(tmp_path: Path) -> None:
+    make_certificate(tmp_path / "old.pem", "gw01.internal.example", sans=["mail.contoso.com"])
+    make_certificate(tmp_path / "new.pem", "gw01.internal.example", sans=["smtp.contoso.com"])
+    text = MINIMAL + "      - name: c\n        tls_sender_certificate_name: smtp.contoso.com\n"
+    text = text.replace("[contoso.com]", "[contoso.com, smtp.contoso.com]")
+    text += "        certificates: [old.pem, new.pem]\n"
+    path = tmp_path / "c.yml"
+    path.write_text(text)
+    config = load_config(str(path))
+    presented = certificate_from_mapping(
+        {"{cert_subject}": "gw01.internal.example", "{cert_issuer}": "Contoso Issuing CA"}
+    )
+    transaction = Transaction(config, parse_client_address("203.0.113.9"), presented, "<>")
+    assert (
+        transaction.attribution is not None
+        and transaction.attribution.certificate_name == "smtp.contoso.com"
+    )

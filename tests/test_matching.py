@@ -34,6 +34,7 @@ unicode_label = st.text(alphabet="abcäöüßéñ中文", min_size=1, max_size=8
         ("contoso.com.", "contoso.com"),
         ("contoso.com..", None),
         ("bücher.example", "xn--bcher-kva.example"),
+        ("straße.de", "xn--strae-oqa.de"),  # IDNA 2008: not "strasse.de" as in IDNA 2003
         ("XN--BCHER-KVA.example", "xn--bcher-kva.example"),
         ("\uff23\uff2f\uff2e\uff34\uff2f\uff33\uff2f.com", "contoso.com"),  # full-width
         ("[192.0.2.1]", None),

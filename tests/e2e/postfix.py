@@ -7,12 +7,12 @@ never touched.
 
 Two smtpd listeners share the instance, one per milter socket kind:
 
+* ``inet``: smtpd is not chrooted and uses the snippet's active
+  ``smtpd_milters = inet:127.0.0.1:8894`` line, with the port filled in;
 * ``unix``: smtpd runs chrooted in the private queue directory (as Debian's
-  master.cf does) and reaches relaymilter through the shipped snippet's
+  master.cf does) and takes the snippet's commented alternative
   ``smtpd_milters = unix:/relaymilter/relaymilter.sock``, which Postfix
-  resolves inside the chroot, i.e. ``QUEUE/relaymilter/relaymilter.sock``;
-* ``inet``: smtpd is not chrooted and uses the snippet's commented
-  ``inet:`` alternative, with the port filled in.
+  resolves inside the chroot, i.e. ``QUEUE/relaymilter/relaymilter.sock``.
 
 The shipped snippet etc/postfix/main.cf.relaymilter is appended to main.cf
 with only its host-specific values (CA file, port) substituted.
@@ -120,9 +120,9 @@ MASTER_CF = """\
 # Private instance for relaymilter's end-to-end tests (generated).
 127.0.0.1:{unix_port} inet n - y - - smtpd
   -o syslog_name=postfix/smtpd-unix
+  -o smtpd_milters={unix_milter}
 127.0.0.1:{inet_port} inet n - n - - smtpd
   -o syslog_name=postfix/smtpd-inet
-  -o smtpd_milters={inet_milter}
 # Only for showing why the snippet sets tempfail: a milter that is never up,
 # with milter_default_action = accept.
 127.0.0.1:{fail_open_port} inet n - n - - smtpd
@@ -139,17 +139,19 @@ def snippet_lines(text: str) -> list[str]:
     ]
 
 
-def render_snippet(ca_file: Path) -> str:
-    """The shipped snippet with the CA file path of the private PKI."""
+def render_snippet(ca_file: Path, milter_port: int) -> str:
+    """The shipped snippet with the private PKI's CA file and the milter's port."""
     text = SNIPPET.read_text()
     for needed in (
         SNIPPET_CA_FILE,
-        SNIPPET_UNIX_MILTER,
-        f"# smtpd_milters = {SNIPPET_INET_MILTER}",
+        f"smtpd_milters = {SNIPPET_INET_MILTER}\n",
+        f"# smtpd_milters = {SNIPPET_UNIX_MILTER}\n",
     ):
         if needed not in text:
             raise HarnessError(f"{SNIPPET} no longer contains {needed!r}; update the harness")
-    return text.replace(SNIPPET_CA_FILE, str(ca_file))
+    text = text.replace(SNIPPET_CA_FILE, str(ca_file))
+    active = f"smtpd_milters = {SNIPPET_INET_MILTER}\n"
+    return text.replace(active, active.replace("8894", str(milter_port)))
 
 
 @dataclass
@@ -188,7 +190,6 @@ class PostfixInstance:
 
     def _write_config(self) -> None:
         self.config_dir.mkdir(parents=True, exist_ok=True)
-        inet_milter = SNIPPET_INET_MILTER.replace("8894", str(self.ports.milter_inet))
         main = MAIN_CF.format(
             base=self.base,
             queue=self.queue_dir,
@@ -197,13 +198,13 @@ class PostfixInstance:
             log=self.log,
             server_cert=self.pki.server.cert,
             server_key=self.pki.server.key,
-            snippet=render_snippet(self.pki.ca_bundle),
+            snippet=render_snippet(self.pki.ca_bundle, self.ports.milter_inet),
         )
         (self.config_dir / "main.cf").write_text(main)
         master = MASTER_CF.format(
             unix_port=self.ports.unix,
             inet_port=self.ports.inet,
-            inet_milter=inet_milter,
+            unix_milter=SNIPPET_UNIX_MILTER,
             fail_open_port=self.ports.fail_open,
             dead_milter_port=self.ports.dead_milter,
         )

@@ -27,9 +27,10 @@ def postconf(instance: PostfixInstance, *args: str) -> str:
 
 def test_postfix_main_cf_holds_the_snippet(postfix: PostfixInstance) -> None:
     main_cf = (postfix.config_dir / "main.cf").read_text()
-    for line in snippet_lines(pf.render_snippet(postfix.pki.ca_bundle)):
+    for line in snippet_lines(pf.render_snippet(postfix.pki.ca_bundle, postfix.ports.milter_inet)):
         assert line in main_cf.splitlines(), line
-    assert postconf(postfix, "-h", "smtpd_milters").strip() == pf.SNIPPET_UNIX_MILTER
+    inet_milter = pf.SNIPPET_INET_MILTER.replace("8894", str(postfix.ports.milter_inet))
+    assert postconf(postfix, "-h", "smtpd_milters").strip() == inet_milter
     assert postconf(postfix, "-h", "milter_default_action").strip() == "tempfail"
     assert postconf(postfix, "-h", "smtpd_tls_ask_ccert").strip() == "yes"
     assert postconf(postfix, "-h", "smtpd_tls_CAfile").strip() == str(postfix.pki.ca_bundle)
@@ -41,15 +42,18 @@ def test_postfix_needs_no_milter_macro_settings(postfix: PostfixInstance) -> Non
     assert "_macros" not in changed
 
 
-def test_postfix_unix_listener_is_chrooted_and_inet_listener_uses_snippet_alternative(
+def test_postfix_unix_listener_is_chrooted_and_uses_the_snippet_alternative(
     postfix: PostfixInstance,
 ) -> None:
     services = postconf(postfix, "-M").splitlines()
     unix = next(s for s in services if s.startswith(f"127.0.0.1:{postfix.ports.unix} "))
     assert unix.split()[4] == "y"  # chroot column, as in Debian's master.cf
     overrides = postconf(postfix, "-P")
-    inet_milter = pf.SNIPPET_INET_MILTER.replace("8894", str(postfix.ports.milter_inet))
-    assert f"127.0.0.1:{postfix.ports.inet}/inet/smtpd_milters = {inet_milter}" in overrides
+    assert (
+        f"127.0.0.1:{postfix.ports.unix}/inet/smtpd_milters = {pf.SNIPPET_UNIX_MILTER}" in overrides
+    )
+    # The inet listener runs with main.cf's (the snippet's active) line.
+    assert f"127.0.0.1:{postfix.ports.inet}/inet/smtpd_milters" not in overrides
 
 
 def test_sendmail_cf_holds_the_snippet(sendmail: SendmailInstance) -> None:

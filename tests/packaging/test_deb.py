@@ -107,6 +107,7 @@ def test_package_metadata_and_contents(deb: Build) -> None:
         "python3-yaml",
         "python3-cryptography",
         "python3-sdnotify",
+        "python3-idna",
     ):
         assert dependency in depends
     assert run(["dpkg-deb", "-I", str(deb.package), "conffiles"]).split() == [str(CONF)]

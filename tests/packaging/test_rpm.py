@@ -50,6 +50,7 @@ def test_metadata_and_requires(rpm: Build, db: Path) -> None:
         "python3-pyyaml >= 5.4",
         "python3-cryptography >= 3.4",
         "python3-sdnotify >= 0.3",
+        "python3-idna >= 3.3",
         "shadow-utils",
         "systemd",
         "/usr/bin/python3",
