@@ -3,17 +3,25 @@
 Signals: libmilter runs its own thread that ``sigwait``s for SIGHUP, SIGTERM and
 SIGINT and treats each of them as "stop". A Python handler could not reliably
 see SIGHUP before libmilter does, so reload is SIGUSR1, taken by a thread of
-ours with ``sigwait``. All four signals are blocked in the main thread before
+ours with ``sigwait``. All these signals are blocked in the main thread before
 any thread starts, so every thread inherits the mask and each signal reaches
 exactly the thread that waits for it.
+
+libmilter notices a stop request only when its accept loop wakes: every 5 s,
+or at once when a connection arrives. SIGUSR2 (the unit's ``KillSignal=``) is a
+prompt stop: the same stop request, then a connection to our own socket to
+wake the loop.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
+import socket
 import threading
+import time
 from typing import Optional
 
 import Milter
@@ -22,14 +30,17 @@ import milter
 from .config import ConfigError, load_config
 from .milter import RelayMilter
 from .model import Config
-from .notify import ServiceNotifier
+from .notify import ServiceNotifier, milter_address
 from .socketspec import SocketSpec, SocketSpecError, parse_socket_spec
 
 logger = logging.getLogger("relaymilter")
 
 MILTER_NAME = "relaymilter"
 RELOAD_SIGNAL = signal.SIGUSR1
-_BLOCKED_SIGNALS = {signal.SIGHUP, signal.SIGTERM, signal.SIGINT, RELOAD_SIGNAL}
+STOP_SIGNAL = signal.SIGUSR2
+_BLOCKED_SIGNALS = {signal.SIGHUP, signal.SIGTERM, signal.SIGINT, RELOAD_SIGNAL, STOP_SIGNAL}
+# How often a prompt stop knocks on the socket until the accept loop has ended.
+_WAKE_INTERVAL = 0.05
 
 
 class Daemon:
@@ -38,6 +49,7 @@ class Daemon:
         self.socket_override = socket_override
         self.socket = ""
         self.notifier: Optional[ServiceNotifier] = None
+        self.serving = threading.Event()
 
     def status(self) -> str:
         config = RelayMilter.current_config
@@ -62,13 +74,15 @@ class Daemon:
         logger.info("listening on %s: %s (%s)", self.socket, config.summary(), self.config_path)
         self.notifier.ready()
         self.notifier.start_watchdog()
-        threading.Thread(target=self._reload_loop, name="reload", daemon=True).start()
+        threading.Thread(target=self._signal_loop, name="signals", daemon=True).start()
+        self.serving.set()
         try:
             milter.main()
         except milter.error as exc:
             logger.error("milter stopped with an error: %s", exc)
             return 1
         finally:
+            self.serving.clear()
             self.notifier.stopping()
         logger.info("stopped: %s", RelayMilter.counter.describe())
         return 0
@@ -107,10 +121,27 @@ class Daemon:
             os.chmod(spec.path, 0o660)
         return True
 
-    def _reload_loop(self) -> None:
+    def _signal_loop(self) -> None:
         while True:
-            signal.sigwait({RELOAD_SIGNAL})
+            if signal.sigwait({RELOAD_SIGNAL, STOP_SIGNAL}) == STOP_SIGNAL:
+                self.stop_promptly()
+                return
             self.reload()
+
+    def stop_promptly(self) -> None:
+        """Ask libmilter to stop, and wake its accept loop until it has."""
+        logger.info("stopping (SIGUSR2)")
+        # smfi_stop() sets the stop flag, then waits for the accept loop.
+        threading.Thread(target=milter.stop, name="stop", daemon=True).start()
+        try:
+            family, address = milter_address(self.socket)
+        except (SocketSpecError, OSError):
+            return  # libmilter still stops, within 5 s
+        while self.serving.is_set():
+            with contextlib.suppress(OSError), socket.socket(family, socket.SOCK_STREAM) as knock:
+                knock.settimeout(1)
+                knock.connect(address)
+            time.sleep(_WAKE_INTERVAL)
 
     def reload(self) -> bool:
         """Build and validate a new config; swap it in, or keep the old one and say why."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import stat
 import sys
 from pathlib import Path
@@ -13,7 +14,16 @@ import pytest
 from miltertest import constants as mc
 
 from .scenarios import CONFIG, SCENARIOS, Scenario
-from .support import ATTR36, REPO, Daemon, MilterSession, free_port, run_cli, running_daemon
+from .support import (
+    ATTR36,
+    REPO,
+    Daemon,
+    MilterSession,
+    free_port,
+    run_cli,
+    running_daemon,
+    wait_for_socket,
+)
 
 MAIL_MACROS = ["{cert_subject}", "{cert_issuer}", "{verify}", "{cn_subject}", "{cn_issuer}"]
 RCPT_MACROS = ["i", "{client_addr}", "{cert_fp}", "{cert_md5}"]
@@ -224,3 +234,23 @@ def test_reload_swaps_config_and_a_broken_one_keeps_the_old(tmp_path: Path) -> N
         assert "bogus: unknown key" in log
         assert verdict() == "continue"
         assert "would-reject" in daemon.log()
+
+
+def test_sigusr2_stops_without_waiting_for_libmilters_accept_loop(
+    config_file: Path, tmp_path: Path
+) -> None:
+    for spec in (f"unix:{tmp_path}/stop.sock", f"inet:{free_port()}@127.0.0.1"):
+        daemon = Daemon(config_file, spec, tmp_path / "stop.log")
+        try:
+            wait_for_socket(spec, daemon.process)
+            held = MilterSession(spec)  # an MTA connection open at the time
+            held.negotiate()
+            daemon.process.send_signal(signal.SIGUSR2)
+            # No wake-up connection from the test here: the daemon wakes itself.
+            assert daemon.process.wait(30) == 0
+            held.close()
+        finally:
+            daemon.stop()
+        log = daemon.log()
+        assert "stopping (SIGUSR2)" in log
+        assert "stopped: " in log

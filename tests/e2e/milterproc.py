@@ -63,8 +63,7 @@ class RelayMilterProcess:
     def ensure(self, config: dict[str, Any]) -> None:
         """Make the process run with ``config``: reload it if running, else start it.
 
-        Reloading is much faster than a restart: libmilter takes about 5 s to
-        stop listening after SIGTERM.
+        Reloading is faster than a restart.
         """
         if self.running and self.config == config:
             return
@@ -110,13 +109,13 @@ class RelayMilterProcess:
         return can_connect_tcp(host or "127.0.0.1", int(port))
 
     def request_stop(self) -> None:
-        """SIGTERM without waiting, so several processes can stop in parallel."""
+        """SIGUSR2 (relaymilter's prompt stop, the unit's KillSignal) without waiting."""
         if self.running:
             assert self.proc is not None
-            self.proc.send_signal(signal.SIGTERM)
+            self.proc.send_signal(signal.SIGUSR2)
 
     def stop(self) -> None:
-        """SIGTERM and wait (libmilter needs about 5 s); SIGKILL after 10 s."""
+        """SIGUSR2 and wait; SIGKILL after 10 s."""
         self.request_stop()
         proc, self.proc, self.config = self.proc, None, None
         if proc is None:

@@ -116,7 +116,7 @@ def test_relaymilter_8_documents_every_command_and_option() -> None:
                 if option not in ("-h", "--help"):
                     assert option in text, f"{name} {option} is not documented"
     assert "--version" in text
-    for signal_name in ("SIGUSR1", "SIGHUP", "SIGTERM"):
+    for signal_name in ("SIGUSR1", "SIGUSR2", "SIGHUP", "SIGTERM"):
         assert signal_name in text
 
 
