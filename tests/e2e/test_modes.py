@@ -41,7 +41,7 @@ def test_monitor_mode_accepts_and_logs_would_reject(target: Target) -> None:
 @pytest.fixture
 def milter_stopped(target: Target) -> Iterator[None]:
     target.use(configs.standard(target.pki))
-    target.milter.stop()  # SIGTERM, as systemd would; libmilter takes ~5 s to exit
+    target.milter.stop()  # SIGUSR2, the unit's KillSignal: as systemd stops it
     yield
     target.use(configs.standard(target.pki))  # starts it again
 
