@@ -9,12 +9,15 @@ certificate's names.
 from __future__ import annotations
 
 import datetime
+import re
 from dataclasses import dataclass
-from typing import FrozenSet, Optional, Tuple
+from typing import FrozenSet, List, Optional, Tuple
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.x509.oid import NameOID
+
+from .safefile import CERTIFICATE_FILE_LIMIT, UnsafeFileError, read_regular_file
 
 # Sendmail's {cert_fp} uses CertFingerprintAlgorithm (any OpenSSL digest) and
 # {cert_md5} MD5; keep every digest an admin is likely to configure.
@@ -102,21 +105,71 @@ def describe_certificate(cert: x509.Certificate, path: str) -> CertificateFile:
     )
 
 
+@dataclass(frozen=True)
+class CertificateBundle:
+    """The certificates of one file: a renewal bundle may hold several leaves, and a chain."""
+
+    path: str
+    #: Client (end-entity) certificates: each one counts for its connector.
+    leaves: Tuple[CertificateFile, ...]
+    #: CA certificates (basicConstraints CA:TRUE) found alongside; ignored.
+    authorities: Tuple[CertificateFile, ...]
+
+
+_PEM_BLOCK = re.compile(
+    rb"-----BEGIN (?:X509 )?CERTIFICATE-----.+?-----END (?:X509 )?CERTIFICATE-----",
+    re.DOTALL,
+)
+
+
+def load_certificates(path: str) -> CertificateBundle:
+    """Read every certificate of a PEM (or DER) file; raise CertificateFileError.
+
+    The file must hold at least one leaf certificate; CA certificates (a chain
+    appended to the leaf, say) are set apart, never matched.
+    """
+    try:
+        data = read_regular_file(path, CERTIFICATE_FILE_LIMIT, "certificate file")
+    except UnsafeFileError as exc:
+        raise CertificateFileError(str(exc)) from exc
+    leaves: List[CertificateFile] = []
+    authorities: List[CertificateFile] = []
+    for cert in _parse_all(path, data):
+        (authorities if _is_ca(cert) else leaves).append(describe_certificate(cert, path))
+    if not leaves:
+        raise CertificateFileError(
+            f"{path} holds only CA certificates ({len(authorities)}); "
+            "list the client's own certificate"
+        )
+    return CertificateBundle(path, tuple(leaves), tuple(authorities))
+
+
 def load_certificate_file(path: str) -> CertificateFile:
-    """Read the first certificate of a PEM (or DER) file; raise CertificateFileError."""
+    """The first leaf certificate of a file (see load_certificates)."""
+    return load_certificates(path).leaves[0]
+
+
+def _parse_all(path: str, data: bytes) -> List[x509.Certificate]:
     try:
-        with open(path, "rb") as handle:
-            data = handle.read()
-    except OSError as exc:
-        raise CertificateFileError(f"cannot read {path}: {exc.strerror or exc}") from exc
-    try:
-        if b"-----BEGIN" in data:
-            cert = x509.load_pem_x509_certificate(data)
-        else:
-            cert = x509.load_der_x509_certificate(data)
-        # cryptography parses extensions lazily: a malformed one fails here.
-        return describe_certificate(cert, path)
+        if b"-----BEGIN" not in data:
+            return [x509.load_der_x509_certificate(data)]
+        blocks = _PEM_BLOCK.findall(data)
+        if not blocks:
+            raise ValueError("no CERTIFICATE block")
+        certificates = [x509.load_pem_x509_certificate(block) for block in blocks]
+        for cert in certificates:
+            # cryptography parses extensions lazily: a malformed one fails here.
+            _ = cert.extensions
+        return certificates
     except ValueError as exc:
         raise CertificateFileError(f"{path} is not a PEM or DER certificate: {exc}") from exc
     except Exception as exc:
         raise CertificateFileError(f"{path}: cannot read the certificate: {exc}") from exc
+
+
+def _is_ca(cert: x509.Certificate) -> bool:
+    try:
+        constraints = cert.extensions.get_extension_for_class(x509.BasicConstraints)
+    except x509.ExtensionNotFound:
+        return False
+    return bool(constraints.value.ca)

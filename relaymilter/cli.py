@@ -10,14 +10,14 @@ import sys
 from typing import Any, Dict, List, Optional, Sequence
 
 from . import __version__
-from .certfiles import CertificateFile, CertificateFileError, load_certificate_file
+from .certfiles import CertificateFile, CertificateFileError, load_certificates
 from .certnames import normalize_certificate_name
 from .config import ConfigError, load_config
 from .domains import parent_domains
-from .journal import configure_logging
+from .journal import configure_logging, stderr_is_journal
 from .model import DEFAULT_CONFIG_PATH, Config
 from .networks import parse_client_address
-from .policy import Transaction
+from .policy import Decision, Transaction
 from .tlsidentity import certificate_from_mapping
 
 EXIT_OK = 0
@@ -62,10 +62,18 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument("--cert-issuer", metavar="S", help="Postfix: issuer CN; Sendmail: DN")
     explain.add_argument("--verify", metavar="V", help="Sendmail's {verify}, e.g. OK")
     explain.add_argument("--cert-fingerprint", metavar="FP", help="Sendmail's {cert_fp}/{cert_md5}")
+    explain.add_argument("--cn-subject", metavar="S", help="Sendmail's {cn_subject}")
+    explain.add_argument("--cn-issuer", metavar="S", help="Sendmail's {cn_issuer}")
     explain.add_argument(
         "--mail-from", required=True, metavar="ADDR", help="'' or '<>' is the null sender"
     )
     explain.add_argument("--rcpt", required=True, action="append", metavar="ADDR")
+    explain.add_argument(
+        "--rcpt-addr",
+        action="append",
+        metavar="ADDR",
+        help="the MTA's {rcpt_addr} for each --rcpt, in the same order (as the log's mta_rcpt)",
+    )
     explain.add_argument("--json", action="store_true", help="machine-readable output")
 
     inspect = sub.add_parser("inspect-cert", help="show what relaymilter sees in certificate files")
@@ -91,13 +99,21 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     )
 
 
+# sd-daemon(3) priority prefixes: on a journal stream (systemd's default
+# SyslogLevelPrefix=yes) they set each line's priority, so the reasons for a
+# refused "systemctl reload" show in "journalctl -p warning", not at info.
+_ERR_PREFIX = "<3>"
+_WARNING_PREFIX = "<4>"
+
+
 def _load_or_report(path: str) -> Optional[Config]:
     try:
         return load_config(path)
     except ConfigError as exc:
-        print(f"relaymilter: {len(exc.issues)} error(s) in {path}:", file=sys.stderr)
+        prefix = _ERR_PREFIX if stderr_is_journal() else ""
+        print(f"{prefix}relaymilter: {len(exc.issues)} error(s) in {path}:", file=sys.stderr)
         for issue in exc.issues:
-            print(f"  {issue}", file=sys.stderr)
+            print(f"{prefix}  {issue}", file=sys.stderr)
         return None
 
 
@@ -106,12 +122,20 @@ def check_config(path: str) -> int:
     if config is None:
         return EXIT_ERROR
     print(f"{path}: OK: {config.summary()}")
+    journal = stderr_is_journal()
     for warning in config.warnings:
-        print(f"warning: {warning}")
+        if journal:
+            print(f"{_WARNING_PREFIX}warning: {warning}", file=sys.stderr)
+        else:
+            print(f"warning: {warning}")
     return EXIT_OK
 
 
 def explain(path: str, args: argparse.Namespace) -> int:
+    resolved: List[Optional[str]] = list(args.rcpt_addr or [None] * len(args.rcpt))
+    if len(resolved) != len(args.rcpt):
+        print("relaymilter: give --rcpt-addr once for each --rcpt, or not at all", file=sys.stderr)
+        return EXIT_USAGE
     config = _load_or_report(path)
     if config is None:
         return EXIT_ERROR
@@ -124,11 +148,25 @@ def explain(path: str, args: argparse.Namespace) -> int:
         "{cert_issuer}": args.cert_issuer,
         "{verify}": args.verify,
         "{cert_fp}": args.cert_fingerprint,
+        "{cn_subject}": args.cn_subject,
+        "{cn_issuer}": args.cn_issuer,
     }
     transaction = Transaction(config, address, certificate_from_mapping(macros), args.mail_from)
-    decisions = [transaction.decide(rcpt) for rcpt in args.rcpt]
+    decisions = [transaction.decide(rcpt, mta) for rcpt, mta in zip(args.rcpt, resolved)]
+    if args.json:
+        print(json.dumps(_explanation(config, transaction, decisions), indent=2))
+        return EXIT_OK
+    for line in _explain_lines(transaction, decisions):
+        print(line)
+    return EXIT_OK
+
+
+def _explanation(
+    config: Config, transaction: Transaction, decisions: List[Decision]
+) -> Dict[str, Any]:
+    """explain --json: the decisions exactly as the milter makes and logs them."""
     attribution = transaction.attribution
-    result: Dict[str, Any] = {
+    return {
         "attribution": {
             "organization": attribution.organization.name if attribution else None,
             "connector": attribution.connector_name if attribution else None,
@@ -138,32 +176,37 @@ def explain(path: str, args: argparse.Namespace) -> int:
         "recipients": [
             {
                 "recipient": d.recipient,
-                "action": "reject" if d.action == "reject" else "continue",
+                "action": d.action,
                 "reason": d.reason,
-                "reply": str(d.reply) if d.reply is not None and d.action == "reject" else None,
+                "route": [hop for hop in d.route.hops],
+                "mta_rcpt": d.resolved,
+                "reply": str(d.reply) if d.reply is not None else None,
             }
             for d in decisions
         ],
     }
-    if args.json:
-        print(json.dumps(result, indent=2))
-        return EXIT_OK
+
+
+def _explain_lines(transaction: Transaction, decisions: List[Decision]) -> List[str]:
+    attribution = transaction.attribution
     if attribution is None:
-        print("attribution: none (relaymilter does not interfere; the MTA's own rules decide)")
+        lines = ["attribution: none (relaymilter does not interfere; the MTA's own rules decide)"]
     else:
         how = (
             f"certificate name {attribution.certificate_name}"
             if attribution.certificate_name
             else "client address"
         )
-        print(
+        lines = [
             f"attribution: organization {attribution.organization.name}, connector "
             f"{attribution.connector_name} ({attribution.kind}, by {how})"
-        )
+        ]
     for decision in decisions:
         reply = f": {decision.reply}" if decision.reply is not None else ""
-        print(f"<{decision.recipient}>: {decision.action} ({decision.reason}){reply}")
-    return EXIT_OK
+        lines.append(f"<{decision.recipient}>: {decision.action} ({decision.reason}){reply}")
+        if not decision.route.is_simple or decision.resolved is not None:
+            lines.append(f"  routes through: {decision.route.describe()}")
+    return lines
 
 
 def inspect_certificates(path: Optional[str], files: List[str]) -> int:
@@ -173,13 +216,18 @@ def inspect_certificates(path: Optional[str], files: List[str]) -> int:
     status = EXIT_OK
     for name in files:
         try:
-            cert = load_certificate_file(name)
+            bundle = load_certificates(name)
         except CertificateFileError as exc:
             print(f"relaymilter: {exc}", file=sys.stderr)
             status = EXIT_ERROR
             continue
-        for line in describe(cert, config):
-            print(line)
+        for number, cert in enumerate(bundle.leaves, 1):
+            if len(bundle.leaves) > 1:
+                print(f"{cert.path}: certificate {number} of {len(bundle.leaves)}")
+            for line in describe(cert, config):
+                print(line)
+        for authority in bundle.authorities:
+            print(f"{bundle.path}: CA certificate {authority.subject} (ignored: not a client's)")
     return status
 
 

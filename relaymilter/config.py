@@ -17,9 +17,16 @@ from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
 import yaml
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
-from .certfiles import CertificateFile, CertificateFileError, load_certificate_file
+from . import publicsuffix
+from .certfiles import CertificateFile, CertificateFileError, load_certificates
 from .certnames import CertificatePattern, PatternError, normalize_certificate_name, parse_pattern
-from .domains import is_host_name, normalize_domain, parent_domains
+from .domains import (
+    a_label_problem,
+    address_literal_problem,
+    is_host_name,
+    normalize_domain,
+    parent_domains,
+)
 from .model import (
     DEFAULT_REJECT_CODE,
     DEFAULT_REJECT_STATUS,
@@ -37,7 +44,8 @@ from .model import (
     build_indexes,
 )
 from .networks import IPNetwork
-from .socketspec import SocketSpecError, parse_socket_spec
+from .safefile import CONFIG_FILE_LIMIT, UnsafeFileError, read_regular_file
+from .socketspec import SocketSpec, SocketSpecError, parse_socket_spec
 
 # libmilter refuses longer reply lines (MAXREPLYLEN 980) with the code in front.
 _MAX_REPLY_TEXT = 900
@@ -68,11 +76,12 @@ class ConfigError(Exception):
 def load_config(path: str) -> Config:
     """Read, validate and build the config at ``path``; raise ConfigError listing every error."""
     try:
-        with open(path, encoding="utf-8") as handle:
-            text = handle.read()
-    except (OSError, UnicodeDecodeError) as exc:
-        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-        issue = ConfigIssue(path, None, "", f"cannot read the config file: {reason}")
+        text = read_regular_file(path, CONFIG_FILE_LIMIT, "the config file").decode("utf-8")
+    except UnsafeFileError as exc:
+        issue = ConfigIssue(path, None, "", f"cannot read the config file: {exc.strerror}")
+        raise ConfigError([issue]) from None
+    except UnicodeDecodeError as exc:
+        issue = ConfigIssue(path, None, "", f"cannot read the config file: not UTF-8 ({exc})")
         raise ConfigError([issue]) from None
     return parse_config(text, path)
 
@@ -109,6 +118,10 @@ class _Reader:
         self.warnings: List[ConfigIssue] = []
         self._base_dir = os.path.dirname(os.path.abspath(path))
         self._order = 0
+        #: Every accepted domain as read, with its node, for the cross-organization check.
+        self._accepted: List[_AcceptedEntry] = []
+        self._suffixes: Optional[publicsuffix.PublicSuffixList] = None
+        self._suffix_problem: Optional[str] = None
 
     # -- reporting ---------------------------------------------------------
 
@@ -175,6 +188,19 @@ class _Reader:
             return None
         return value if isinstance(value, str) else None
 
+    def name(self, node: Node, path: str) -> Optional[str]:
+        """An organization's or connector's name: it appears in every decision line."""
+        value = self.string(node, path)
+        if value is not None and not value.isprintable():
+            self.error(
+                node,
+                path,
+                f"{value!r} has control or invisible characters (line breaks, bidirectional "
+                "controls); a name must be printable",
+            )
+            return None
+        return value
+
     def choice(self, node: Node, path: str, choices: Sequence[str]) -> Optional[str]:
         value = self.string(node, path)
         if value is not None and value not in choices:
@@ -210,6 +236,7 @@ class _Reader:
         organizations: Tuple[Organization, ...] = ()
         if "organizations" in fields:
             organizations = self.read_organizations(fields["organizations"][1])
+        self.check_domain_owners()
         if self.errors:
             return None
         self.check_overlaps(organizations)
@@ -238,9 +265,18 @@ class _Reader:
         if value is None:
             return DEFAULT_SOCKET
         try:
-            parse_socket_spec(value)
+            spec = parse_socket_spec(value)
         except SocketSpecError as exc:
             self.error(field[1], "socket", str(exc))
+            return value
+        if listens_on_all_interfaces(spec):
+            self.warn(
+                field[1],
+                "socket",
+                f"{value!r} listens on all interfaces: any host that reaches port {spec.port} "
+                "can use the milter to test addresses; name 127.0.0.1 (or a unix socket) "
+                "unless the MTA is on another host, and then firewall the port",
+            )
         return value
 
     def read_reject(self, field: Optional[_Field]) -> Reply:
@@ -253,11 +289,7 @@ class _Reader:
         code, status, text = default.code, default.status, default.text
         if "code" in fields:
             node = fields["code"][1]
-            value = self.scalar(node, "reject.code", (int, str), "a 3-digit SMTP reply code")
-            if value is not None and re.fullmatch(r"[45][0-9][0-9]", str(value)):
-                code = str(value)
-            elif value is not None:
-                self.error(node, "reject.code", f"must be a 4xx or 5xx reply code, not {value!r}")
+            code = self.read_reject_code(node) or code
         if "status" in fields:
             node = fields["status"][1]
             value = self.string(node, "reject.status")
@@ -282,9 +314,39 @@ class _Reader:
             )
         return Reply(code, status, text)
 
+    def read_reject_code(self, node: Node) -> Optional[str]:
+        value = self.scalar(node, "reject.code", (int, str), "a 3-digit SMTP reply code")
+        if value is None:
+            return None
+        if isinstance(value, int) and isinstance(node, ScalarNode) and str(value) != node.value:
+            self.error(
+                node,
+                "reject.code",
+                f"YAML reads {node.value} as the number {value} (a leading 0 means octal): "
+                f"write the code without it, e.g. {node.value.lstrip('0') or '0'}",
+            )
+            return None
+        if not re.fullmatch(r"[45][0-9][0-9]", str(value)):
+            self.error(node, "reject.code", f"must be a 4xx or 5xx reply code, not {value!r}")
+            return None
+        if str(value) == "421":
+            self.error(
+                node,
+                "reject.code",
+                "421 makes Postfix close the whole session, so the internal recipients of the "
+                "same transaction are lost too; use 450 or 451 for a temporary refusal",
+            )
+            return None
+        return str(value)
+
     def reply_text_ok(self, node: Node, text: str) -> bool:
-        if any(ord(ch) < 32 or ord(ch) == 127 for ch in text):
-            self.error(node, "reject.text", "must be one line without control characters")
+        if not (text.isascii() and text.isprintable()):
+            self.error(
+                node,
+                "reject.text",
+                "must be one line of printable ASCII (SMTP replies are ASCII; no control "
+                "characters)",
+            )
             return False
         if len(text) > _MAX_REPLY_TEXT:
             self.error(node, "reject.text", f"is longer than {_MAX_REPLY_TEXT} characters")
@@ -315,12 +377,15 @@ class _Reader:
         fields = self.fields(node, path, allowed, required=allowed)
         if fields is None:
             return None
-        name = self.string(fields["name"][1], path + ".name") if "name" in fields else None
+        name = self.name(fields["name"][1], path + ".name") if "name" in fields else None
         domains: Tuple[AcceptedDomain, ...] = ()
         if "accepted_domains" in fields:
+            first = len(self._accepted)
             domains = self.read_accepted_domains(
                 fields["accepted_domains"][1], path + ".accepted_domains"
             )
+            for entry in self._accepted[first:]:
+                entry.organization = name or f"<{path}>"
         # Read the connectors even without a valid name, to report their errors too.
         probe = Organization(name or f"<{path}>", domains, ())
         connectors: Tuple[Connector, ...] = ()
@@ -372,12 +437,48 @@ class _Reader:
         text = self.string(domain_node, domain_path)
         if text is None:
             return None
+        literal = address_literal_problem(text)
+        if literal is not None:
+            self.error(domain_node, domain_path, literal)
+            return None
         domain = normalize_domain(text)
         if domain is None or not is_host_name(domain):
             hint = " (use match_subdomains: true instead of a wildcard)" if "*" in text else ""
             self.error(domain_node, domain_path, f"{text!r} is not a valid domain name{hint}")
             return None
-        return AcceptedDomain(domain, match_subdomains)
+        problem = a_label_problem(domain) or self.public_suffix_problem(domain, match_subdomains)
+        if problem is not None:
+            self.error(domain_node, domain_path, problem)
+            return None
+        accepted = AcceptedDomain(domain, match_subdomains)
+        self._accepted.append(_AcceptedEntry(accepted, domain_node, domain_path))
+        return accepted
+
+    def public_suffix_problem(self, domain: str, match_subdomains: bool) -> Optional[str]:
+        suffixes = self.public_suffixes()
+        if suffixes is None or not suffixes.is_public_suffix(domain):
+            return None
+        scope = " and, with match_subdomains, every domain under it" if match_subdomains else ""
+        return (
+            f"{domain} is a public suffix (Public Suffix List): accepting it would make "
+            f"the organization own every sender in it{scope}; list the organization's own "
+            f"domains (e.g. contoso.{domain}) instead"
+        )
+
+    def public_suffixes(self) -> Optional[publicsuffix.PublicSuffixList]:
+        """The distribution's Public Suffix List, loaded once per config; None if missing."""
+        if self._suffixes is None and self._suffix_problem is None:
+            try:
+                self._suffixes = publicsuffix.load()
+            except publicsuffix.PublicSuffixListError as exc:
+                self._suffix_problem = str(exc)
+                self.warn(
+                    None,
+                    "accepted_domains",
+                    f"cannot check accepted domains against the Public Suffix List ({exc}); "
+                    "install Debian's publicsuffix or EL's publicsuffix-list",
+                )
+        return self._suffixes
 
     def read_connectors(
         self, node: Node, path: str, organization: Organization
@@ -421,12 +522,13 @@ class _Reader:
         fields = self.fields(node, path, allowed, required=("name",))
         if fields is None or "name" not in fields:
             return None
-        name = self.string(fields["name"][1], path + ".name")
+        name = self.name(fields["name"][1], path + ".name")
         networks: Tuple[IPNetwork, ...] = ()
         if "sender_ip_addresses" in fields:
             networks = self.read_networks(
                 fields["sender_ip_addresses"][1], path + ".sender_ip_addresses"
             )
+            self.check_everything_networks(fields["sender_ip_addresses"][1], path, networks)
         pattern = None
         if "tls_sender_certificate_name" in fields:
             pattern = self.read_pattern(
@@ -437,7 +539,7 @@ class _Reader:
             fields.get("trusted_issuers"), path + ".trusted_issuers", has_pattern
         )
         certificates = self.read_certificates(
-            fields.get("certificates"), path + ".certificates", has_pattern
+            fields.get("certificates"), path + ".certificates", has_pattern, pattern
         )
         if not has_pattern and "sender_ip_addresses" not in fields:
             self.error(
@@ -451,7 +553,6 @@ class _Reader:
             self.check_registration(
                 fields["tls_sender_certificate_name"][1], path, name, pattern, organization
             )
-            self.check_certificate_names(fields.get("certificates"), path, pattern, certificates)
         self._order += 1
         return Connector(
             name=name,
@@ -479,6 +580,14 @@ class _Reader:
         return tuple(networks)
 
     def parse_network(self, node: Node, path: str, text: str) -> Optional[IPNetwork]:
+        if "%" in text:
+            self.error(
+                node,
+                path,
+                f"{text!r} has a zone id ({text[text.index('%') :]}): clients are matched by "
+                "address alone; write the address or network without it",
+            )
+            return None
         try:
             network = ipaddress.ip_network(text, strict=True)
         except ValueError as exc:
@@ -524,24 +633,34 @@ class _Reader:
         return frozenset(issuer.strip().casefold() for issuer in issuers if issuer)
 
     def read_certificates(
-        self, field: Optional[_Field], path: str, has_pattern: bool
+        self,
+        field: Optional[_Field],
+        path: str,
+        has_pattern: bool,
+        pattern: Optional[CertificatePattern],
     ) -> Tuple[CertificateFile, ...]:
+        """The leaf certificates of every listed file (a renewal bundle counts in full)."""
         if field is None:
             return ()
         if not has_pattern:
             self.error(
                 field[0], path, "only applies to a connector with tls_sender_certificate_name"
             )
-        certificates = []
+        certificates: List[CertificateFile] = []
         for index, item in enumerate(self.sequence(field[1], path, "certificate file paths")):
             item_path = f"{path}[{index}]"
             name = self.string(item, item_path)
             if name is None:
                 continue
             try:
-                certificates.append(load_certificate_file(os.path.join(self._base_dir, name)))
+                bundle = load_certificates(os.path.join(self._base_dir, name))
             except CertificateFileError as exc:
                 self.error(item, item_path, str(exc))
+                continue
+            for cert in bundle.leaves:
+                if pattern is not None:
+                    self.check_certificate(item, item_path, pattern, cert, len(bundle.leaves))
+            certificates.extend(bundle.leaves)
         return tuple(certificates)
 
     # -- cross-checks ------------------------------------------------------
@@ -586,24 +705,70 @@ class _Reader:
             f"organization {organization.name!r}; {remedy}",
         )
 
-    def check_certificate_names(
+    def check_certificate(
         self,
-        field: Optional[_Field],
+        node: Node,
         path: str,
         pattern: CertificatePattern,
-        certificates: Tuple[CertificateFile, ...],
+        cert: CertificateFile,
+        in_file: int,
     ) -> None:
-        for index, cert in enumerate(certificates):
-            item_path = f"{path}.certificates[{index}]"
-            node = field[1] if field else None
-            names = [normalize_certificate_name(n) for n in (cert.subject_cn, *cert.dns_names)]
-            if not any(n is not None and pattern.matches(n) for n in names):
+        which = f"{cert.path}" + (f" (CN={cert.subject_cn})" if in_file > 1 else "")
+        names = [normalize_certificate_name(n) for n in (cert.subject_cn, *cert.dns_names)]
+        if not any(n is not None and pattern.matches(n) for n in names):
+            self.warn(node, path, f"{which}: none of its names matches {pattern.text!r}")
+        problem = cert.validity_problem()
+        if problem:
+            self.warn(node, path, f"{which}: certificate {problem}")
+
+    def check_everything_networks(
+        self, node: Node, path: str, networks: Tuple[IPNetwork, ...]
+    ) -> None:
+        for network in networks:
+            if network.prefixlen == 0:
                 self.warn(
-                    node, item_path, f"{cert.path}: none of its names matches {pattern.text!r}"
+                    node,
+                    path + ".sender_ip_addresses",
+                    f"{network} matches every client: every connection the MTA lets relay is "
+                    "attributed to this organization",
                 )
-            problem = cert.validity_problem()
-            if problem:
-                self.warn(node, item_path, f"{cert.path}: certificate {problem}")
+
+    def check_domain_owners(self) -> None:
+        """A domain belongs to one organization, as in Exchange Online.
+
+        Otherwise one tenant could register another's domain and so claim its
+        certificate connector (``*.contoso.com`` needs contoso.com registered),
+        or make its recipients "internal". ``match_subdomains`` counts: it
+        claims every name below the domain. Two entries overlap when they are
+        equal or one is below the other and that one matches subdomains, so
+        walking each entry's parents finds every pair: O(domains x labels).
+        """
+        owners: Dict[str, List[_AcceptedEntry]] = {}
+        for entry in self._accepted:
+            owners.setdefault(entry.accepted.domain, []).append(entry)
+        reported: Set[Tuple[int, int]] = set()
+        for entry in self._accepted:
+            domain = entry.accepted.domain
+            for parent in parent_domains(domain):
+                for other in owners.get(parent, ()):
+                    if other.organization == entry.organization:
+                        continue
+                    if parent != domain and not other.accepted.match_subdomains:
+                        continue
+                    later, earlier = (entry, other) if entry.line >= other.line else (other, entry)
+                    if (id(later), id(earlier)) not in reported:
+                        reported.add((id(later), id(earlier)))
+                        self.report_shared_domain(later, earlier)
+
+    def report_shared_domain(self, entry: _AcceptedEntry, other: _AcceptedEntry) -> None:
+        self.error(
+            entry.node,
+            entry.path,
+            f"{_describe_accepted(entry.accepted)} overlaps "
+            f"{_describe_accepted(other.accepted)} of organization {other.organization!r} "
+            f"(line {other.line}): a domain belongs to one organization (as in Exchange "
+            "Online); remove it from one of them",
+        )
 
     def check_overlaps(self, organizations: Tuple[Organization, ...]) -> None:
         """Warn when IP connectors of different organizations cover the same addresses."""
@@ -640,6 +805,26 @@ class _Reader:
                         "else the first in file order",
                     )
             open_spans.append(span)
+
+
+def listens_on_all_interfaces(spec: SocketSpec) -> bool:
+    """An inet socket without a host, or on the wildcard address, takes any host's connection."""
+    return not spec.is_unix and (spec.host is None or spec.host in ("0.0.0.0", "::", "::0"))
+
+
+class _AcceptedEntry:
+    """An accepted domain as read: where it is, and (once known) whose it is."""
+
+    def __init__(self, accepted: AcceptedDomain, node: Node, path: str) -> None:
+        self.accepted = accepted
+        self.node = node
+        self.path = path
+        self.line = _line(node) or 0
+        self.organization = ""
+
+
+def _describe_accepted(accepted: AcceptedDomain) -> str:
+    return accepted.domain + (" (with match_subdomains)" if accepted.match_subdomains else "")
 
 
 def _line(node: Optional[Node]) -> Optional[int]:

@@ -8,6 +8,7 @@ accepted domain.
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from dataclasses import dataclass
 from typing import Iterator, Optional
@@ -58,6 +59,44 @@ def is_host_name(domain: str) -> bool:
     return _HOST_NAME.fullmatch(domain) is not None
 
 
+# A label that some resolver would read as a number: an IPv4 address may be
+# written 192.0.2.1, 3221225985, 0xc0.0.2.1 or 0300.0.2.1 (inet_aton); no
+# top-level domain is numeric, so a name ending in such a label is an address.
+_NUMERIC_LABEL = re.compile(r"(?:0x[0-9a-f]*|[0-9]+)", re.IGNORECASE)
+
+
+def address_literal_problem(text: str) -> Optional[str]:
+    """Why a configured domain is an IP address in some spelling, or None if it is not one."""
+    name = text.strip().rstrip(".")
+    last = name.rsplit(".", 1)[-1]
+    if name.startswith("[") or _is_ip_address(name) or (name and _NUMERIC_LABEL.fullmatch(last)):
+        return (
+            f"{text!r} is an IP address (or reads as one), not a domain: "
+            "an address is never an accepted domain"
+        )
+    return None
+
+
+def _is_ip_address(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
+
+
+def a_label_problem(domain: str) -> Optional[str]:
+    """Why a domain's ``xn--`` labels are not valid IDNA 2008 A-labels, or None."""
+    for label in domain.split("."):
+        if not label.startswith("xn--"):
+            continue
+        try:
+            idna.decode(label)
+        except (idna.IDNAError, UnicodeError) as exc:
+            return f"{label!r} in {domain} is not a valid A-label (IDNA 2008: {exc})"
+    return None
+
+
 def parent_domains(domain: str) -> Iterator[str]:
     """Yield ``domain`` and then each proper suffix: a.b.c, b.c, c."""
     while True:
@@ -82,13 +121,18 @@ class EnvelopeAddress:
         return self.address == ""
 
 
-def strip_envelope(text: str) -> str:
-    """Remove surrounding whitespace, angle brackets and any source route."""
+def strip_angle_brackets(text: str) -> str:
+    """Remove surrounding whitespace and angle brackets (a source route stays)."""
     address = text.strip()
     if address.startswith("<"):
         end = address.rfind(">")
         address = address[1:end] if end > 0 else address[1:]
-    address = address.strip()
+    return address.strip()
+
+
+def strip_envelope(text: str) -> str:
+    """Remove surrounding whitespace, angle brackets and any source route."""
+    address = strip_angle_brackets(text)
     # A source route "@a,@b:user@domain" (RFC 5321 4.1.2) precedes the mailbox.
     if address.startswith("@"):
         colon = address.find(":")

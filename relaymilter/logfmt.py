@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 from typing import Dict, Optional
 
 from .journal import FIELDS_ATTR
@@ -34,6 +35,67 @@ def escape(value: Optional[str]) -> str:
         else:
             out.append(ch)
     return "".join(out)
+
+
+# A value written bare: printable ASCII without space, quote or backslash.
+_BARE = re.compile(r"[!#-\[\]-~]+")
+
+
+def quote(value: Optional[str]) -> str:
+    """One ``key=value`` value of a log line that no value can make ambiguous.
+
+    Bare when it is printable ASCII without spaces, quotes or backslashes;
+    otherwise in double quotes, with ``\\``, ``\"`` and every character that
+    is not printable (controls, Unicode line and paragraph separators,
+    bidirectional controls, undecodable bytes) as a backslash escape. So a
+    parser that reads ``key=`` then a bare token or a quoted string always
+    gets the fields that were written. None is ``-``; the string ``-`` is
+    quoted to stay distinct.
+    """
+    if value is None:
+        return "-"
+    if value != "-" and _BARE.fullmatch(value):
+        return value  # the usual case, checked in C
+    out = ['"']
+    for char in value:
+        code = ord(char)
+        if char == "\\" or char == '"':
+            out.append("\\" + char)
+        elif char.isprintable():
+            out.append(char)
+        elif 0xDC80 <= code <= 0xDCFF:  # surrogateescape'd byte from the MTA
+            out.append(f"\\x{code - 0xDC00:02x}")
+        elif code < 0x100:
+            out.append(f"\\x{code:02x}")
+        elif code < 0x10000:
+            out.append(f"\\u{code:04x}")
+        else:
+            out.append(f"\\U{code:08x}")
+    out.append('"')
+    return "".join(out)
+
+
+def unquote(token: str) -> str:
+    """The value ``quote`` wrote (for readers of the log: tests, reports)."""
+    if not (len(token) >= 2 and token.startswith('"') and token.endswith('"')):
+        return token
+    return re.sub(r"\\(x[0-9a-f]{2}|u[0-9a-f]{4}|U[0-9a-f]{8}|.)", _unescape, token[1:-1])
+
+
+def _unescape(match: re.Match[str]) -> str:
+    escaped = match.group(1)
+    if len(escaped) == 1:
+        return escaped
+    return chr(int(escaped[1:], 16))
+
+
+#: A ``key=value`` field of a log line as ``quote`` writes values.
+FIELD = re.compile(r'(\w+)=("(?:[^"\\]|\\.)*"|[^\s"]\S*)')
+
+
+def parse_fields(line: str) -> Dict[str, str]:
+    """The ``key=value`` fields of a line, unquoted."""
+    return {key: unquote(value) for key, value in FIELD.findall(line)}
 
 
 def log_fields(**fields: Optional[str]) -> Dict[str, Dict[str, str]]:

@@ -16,7 +16,7 @@ from typing import Any, List, Optional
 import Milter
 
 from .domains import strip_envelope
-from .logfmt import escape, log_fields
+from .logfmt import escape, log_fields, quote
 from .model import ON_ERROR_TEMPFAIL, TEMPFAIL_REPLY, Config, Reply
 from .networks import IPAddress, parse_client_address
 from .policy import ACTION_REJECT, Decision, Transaction
@@ -30,8 +30,10 @@ logger = logging.getLogger("relaymilter")
 MAIL_MACROS = ("{cert_subject}", "{cert_issuer}", "{verify}", "{cn_subject}", "{cn_issuer}")
 #: Macros asked for at RCPT TO: the queue id (Postfix sets it only after the
 #: first accepted recipient), the client address (so that the connect step,
-#: and its Python call, can be skipped) and Sendmail's certificate fingerprints.
-RCPT_MACROS = ("i", "{client_addr}", "{cert_fp}", "{cert_md5}")
+#: and its Python call, can be skipped), Sendmail's certificate fingerprints,
+#: and the recipient as the MTA resolved it (Postfix applies the percent hack,
+#: bang paths and dequoting there), which must be internal too.
+RCPT_MACROS = ("i", "{client_addr}", "{cert_fp}", "{cert_md5}", "{rcpt_addr}")
 
 # The protocol steps asked of the MTA. The MTA never sends headers, body or
 # unknown commands, nor HELO (its macros still arrive), and the callbacks that
@@ -134,7 +136,7 @@ class RelayMilter(Milter.Base):  # type: ignore[misc]
             text = hostaddr[0] if isinstance(hostaddr, tuple) and hostaddr else None
             self.client_address = parse_client_address(text)
             self.client_label = (
-                str(self.client_address) if self.client_address else escape(str(hostaddr))
+                str(self.client_address) if self.client_address else quote(str(hostaddr))
             )
         except Exception:
             self._note_failure("connect")
@@ -158,7 +160,7 @@ class RelayMilter(Milter.Base):  # type: ignore[misc]
                 self.transaction = Transaction(
                     self.config, self.client_address, presented, self.mail_from
                 )
-            decision = self.transaction.decide(to)
+            decision = self.transaction.decide(to, self.getsymval("{rcpt_addr}"))
             self._log_decision(decision, to)
             RelayMilter.counter.count(decision)
             if decision.action == ACTION_REJECT and decision.reply is not None:
@@ -172,7 +174,7 @@ class RelayMilter(Milter.Base):  # type: ignore[misc]
     def _client_from_macro(self) -> None:
         text = self.getsymval("{client_addr}")
         self.client_address = parse_client_address(text)
-        self.client_label = str(self.client_address) if self.client_address else escape(text)
+        self.client_label = str(self.client_address) if self.client_address else quote(text)
 
     def _queue_id(self) -> str:
         try:
@@ -198,11 +200,11 @@ class RelayMilter(Milter.Base):  # type: ignore[misc]
 
     def _internal_error(self, where: str, recipient: str) -> int:
         logger.error(
-            "conn=%d queue_id=%s client=%s to=<%s> internal error in %s; answering per on_error=%s",
+            "conn=%d queue_id=%s client=%s to=%s internal error in %s; answering per on_error=%s",
             self.connection_id,
-            self._queue_id(),
+            quote(self._queue_id()),
             self.client_label,
-            escape(strip_envelope(recipient)),
+            quote(f"<{strip_envelope(recipient)}>"),
             where,
             self.config.on_error,
             exc_info=True,
@@ -227,20 +229,24 @@ class RelayMilter(Milter.Base):  # type: ignore[misc]
         connector = attribution.connector_name if attribution else None
         kind = attribution.kind if attribution else None
         certificate = attribution.certificate_name if attribution else None
-        sender = escape(transaction.sender.address if transaction else self.mail_from)
-        rcpt = escape(decision.recipient or recipient)
+        sender = transaction.sender.address if transaction else strip_envelope(self.mail_from)
+        rcpt = decision.recipient or strip_envelope(recipient)
+        route = decision.route.describe()
+        resolved = f"<{decision.resolved}>" if decision.resolved is not None else None
         logger.info(
             "decision conn=%d queue_id=%s client=%s organization=%s connector=%s kind=%s "
-            "certificate=%s from=<%s> to=<%s> action=%s reason=%s",
+            "certificate=%s from=%s to=%s route=%s mta_rcpt=%s action=%s reason=%s",
             self.connection_id,
-            escape(queue_id),
+            quote(queue_id),
             self.client_label,
-            escape(organization),
-            escape(connector),
+            quote(organization),
+            quote(connector),
             kind or "-",
-            escape(certificate),
-            sender,
-            rcpt,
+            quote(certificate),
+            quote(f"<{sender}>"),
+            quote(f"<{rcpt}>"),
+            route,
+            quote(resolved),
             decision.action,
             decision.reason,
             extra=log_fields(
@@ -252,7 +258,9 @@ class RelayMilter(Milter.Base):  # type: ignore[misc]
                 connector=connector,
                 kind=kind,
                 certificate=certificate,
-                sender=sender,
-                recipient=rcpt,
+                sender=escape(sender),
+                recipient=escape(rcpt),
+                route=route,
+                mta_rcpt=escape(decision.resolved) if decision.resolved is not None else None,
             ),
         )

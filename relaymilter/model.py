@@ -121,6 +121,12 @@ class Organization:
                 return False
             domain = domain[dot + 1 :]
 
+    def accepts_route(self, hops: Tuple[Optional[str], ...]) -> bool:
+        """Whether every domain a recipient routes through, and finally reaches, is accepted."""
+        if len(hops) == 1:
+            return self.accepts(hops[0])  # the usual case, without a generator
+        return bool(hops) and all(self.accepts(hop) for hop in hops)
+
 
 KIND_CERTIFICATE = "certificate"
 KIND_IP = "ip"

@@ -10,12 +10,22 @@ from dataclasses import dataclass, replace
 from typing import Dict, List, Optional, Tuple
 
 from .certnames import normalize_certificate_name
-from .domains import EnvelopeAddress, parse_envelope_address
+from .domains import EnvelopeAddress, parse_envelope_address, strip_angle_brackets
 from .model import KIND_CERTIFICATE, KIND_IP, Attribution, Config, Reply
 from .networks import IPAddress
+from .routing import NO_ROUTE, Route, route_of
 from .tlsidentity import PresentedCertificate
 
-__all__ = ["KIND_CERTIFICATE", "KIND_IP", "Attribution", "Decision", "Transaction", "decide"]
+__all__ = [
+    "KIND_CERTIFICATE",
+    "KIND_IP",
+    "Attribution",
+    "Decision",
+    "Recipient",
+    "Transaction",
+    "decide",
+    "parse_recipient",
+]
 
 REASON_INTERNAL = "internal-recipient"
 REASON_CERTIFICATE = "certificate"
@@ -53,6 +63,36 @@ class ConnectionAttribution:
 
 
 @dataclass(frozen=True)
+class Recipient:
+    """A recipient as given at RCPT TO, and where it routes."""
+
+    #: The address without angle brackets (a source route, if any, kept).
+    address: str
+    #: The domains it routes through: the given address's, then those of the
+    #: address the MTA resolved it to, when that differs.
+    route: Route
+    #: The MTA's resolved address ({rcpt_addr}) when it differs from the given one.
+    resolved: Optional[str] = None
+
+
+def parse_recipient(rcpt_to: str, resolved: Optional[str] = None) -> Recipient:
+    """A RCPT TO argument, and optionally the MTA's ``{rcpt_addr}`` for it.
+
+    The MTA's address adds its hops only when it has a domain: Sendmail's
+    local mailer reports a bare user name, which says nothing about routing.
+    """
+    address = strip_angle_brackets(rcpt_to)
+    route = route_of(address)
+    if resolved:
+        mta_address = strip_angle_brackets(resolved)
+        if mta_address.lower() != address.lower() and "@" in mta_address:
+            extra = route_of(mta_address).hops
+            route = Route(route.hops + tuple(hop for hop in extra if hop not in route.hops))
+            return Recipient(address, route, mta_address)
+    return Recipient(address, route)
+
+
+@dataclass(frozen=True)
 class Decision:
     recipient: str
     #: continue, reject or would-reject (monitor mode).
@@ -60,6 +100,9 @@ class Decision:
     reason: str
     #: The reply sent to the client (action reject) or that would be (would-reject).
     reply: Optional[Reply] = None
+    route: Route = NO_ROUTE
+    #: The MTA's resolved address, when it differs from the given one.
+    resolved: Optional[str] = None
 
 
 def certificate_names(config: Config, presented: PresentedCertificate) -> List[str]:
@@ -117,20 +160,39 @@ def decide(
     config: Config,
     attribution: Optional[Attribution],
     sender: EnvelopeAddress,
-    recipient: EnvelopeAddress,
+    recipient: Recipient,
 ) -> Decision:
     """Judge one recipient of an attributed (or unattributed) transaction."""
-    if attribution is None:
-        return Decision(recipient.address, ACTION_CONTINUE, REASON_UNATTRIBUTED)
-    organization = attribution.organization
-    if organization.accepts(recipient.domain):
-        return Decision(recipient.address, ACTION_CONTINUE, REASON_INTERNAL)
-    if attribution.kind == KIND_CERTIFICATE:
-        return Decision(recipient.address, ACTION_CONTINUE, REASON_CERTIFICATE)
-    if not sender.is_null and organization.accepts(sender.domain):
-        return Decision(recipient.address, ACTION_CONTINUE, REASON_SENDER_DOMAIN)
+    reason = _reason(attribution, sender, recipient)
+    if reason is not None:
+        return Decision(
+            recipient.address, ACTION_CONTINUE, reason, None, recipient.route, recipient.resolved
+        )
     action = ACTION_REJECT if config.enforcing else ACTION_WOULD_REJECT
-    return Decision(recipient.address, action, REASON_ATTR36, config.reject)
+    return Decision(
+        recipient.address,
+        action,
+        REASON_ATTR36,
+        config.reject,
+        recipient.route,
+        recipient.resolved,
+    )
+
+
+def _reason(
+    attribution: Optional[Attribution], sender: EnvelopeAddress, recipient: Recipient
+) -> Optional[str]:
+    """Why the recipient may pass, or None when it is refused (ATTR36)."""
+    if attribution is None:
+        return REASON_UNATTRIBUTED
+    organization = attribution.organization
+    if organization.accepts_route(recipient.route.hops):
+        return REASON_INTERNAL
+    if attribution.kind == KIND_CERTIFICATE:
+        return REASON_CERTIFICATE
+    if not sender.is_null and organization.accepts(sender.domain):
+        return REASON_SENDER_DOMAIN
+    return None
 
 
 class Transaction:
@@ -147,5 +209,7 @@ class Transaction:
         self.sender = parse_envelope_address(mail_from)
         self.attribution = attribute_connection(config, address, presented).for_sender(self.sender)
 
-    def decide(self, rcpt_to: str) -> Decision:
-        return decide(self.config, self.attribution, self.sender, parse_envelope_address(rcpt_to))
+    def decide(self, rcpt_to: str, resolved: Optional[str] = None) -> Decision:
+        """Judge one RCPT TO; ``resolved`` is the MTA's ``{rcpt_addr}`` for it, if sent."""
+        recipient = parse_recipient(rcpt_to, resolved)
+        return decide(self.config, self.attribution, self.sender, recipient)

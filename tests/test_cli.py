@@ -122,6 +122,8 @@ def test_explain_json_certificate() -> None:
                 "recipient": "john@fabrikam.com",
                 "action": "continue",
                 "reason": "certificate",
+                "route": ["fabrikam.com"],
+                "mta_rcpt": None,
                 "reply": None,
             }
         ],
@@ -181,3 +183,117 @@ def test_inspect_cert_unreadable(tmp_path: Path) -> None:
     assert result.returncode == 1
     assert "is not a PEM or DER certificate" in result.stderr
     assert "cannot read" in result.stderr
+
+
+def test_check_config_sets_journal_priorities_under_systemd(tmp_path: Path) -> None:
+    """On a journal stream, errors are <3> and warnings <4> (SyslogLevelPrefix), not info."""
+    import os
+    import subprocess
+
+    from .support import relaymilter_command
+
+    bad = tmp_path / "bad.yml"
+    bad.write_text("mode: strict\norganizations: []\n")
+    stream = tmp_path / "stderr"
+    with stream.open("wb") as handle:
+        info = os.fstat(handle.fileno())
+        env = {**os.environ, "JOURNAL_STREAM": f"{info.st_dev}:{info.st_ino}"}
+        subprocess.run(
+            [*relaymilter_command(), "check-config", "-c", str(bad)],
+            stdout=subprocess.DEVNULL,
+            stderr=handle,
+            env=env,
+            check=False,
+        )
+    lines = stream.read_text().splitlines()
+    assert len(lines) == 3 and all(line.startswith("<3>") for line in lines), lines
+    monitor = tmp_path / "monitor.yml"
+    monitor.write_text(Path(EXAMPLE).read_text().replace("mode: enforce", "mode: monitor"))
+    with stream.open("wb") as handle:
+        info = os.fstat(handle.fileno())
+        env = {**os.environ, "JOURNAL_STREAM": f"{info.st_dev}:{info.st_ino}"}
+        subprocess.run(
+            [*relaymilter_command(), "check-config", "-c", str(monitor)],
+            stdout=subprocess.DEVNULL,
+            stderr=handle,
+            env=env,
+            check=True,
+        )
+    assert stream.read_text().startswith("<4>warning: ")
+
+
+def _explain_json(*args: str) -> dict[str, object]:
+    result = run_cli("explain", "-c", EXAMPLE, "--client-address", "192.0.2.7", *args, "--json")
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)  # type: ignore[no-any-return]
+
+
+def test_explain_routing_forms_and_the_mtas_resolved_address() -> None:
+    result = _explain_json(
+        "--mail-from",
+        "<>",
+        "--rcpt",
+        "<kate%tailspintoys.com@contoso.com>",
+        "--rcpt",
+        "<kate@contoso.com>",
+        "--rcpt-addr",
+        "kate@tailspintoys.com",
+        "--rcpt-addr",
+        "kate@contoso.com",
+    )
+    first, second = result["recipients"]  # type: ignore[misc]
+    assert (first["action"], first["reason"]) == ("reject", "attr36")
+    assert first["route"] == ["contoso.com", "tailspintoys.com"]
+    assert first["mta_rcpt"] == "kate@tailspintoys.com"
+    assert (second["action"], second["reason"]) == ("continue", "internal-recipient")
+    text = run_cli(
+        "explain", "-c", EXAMPLE, "--client-address", "192.0.2.7", "--mail-from", "<>",
+        "--rcpt", "<tailspintoys.com!kate@contoso.com>",
+    ).stdout  # fmt: skip
+    assert "routes through: contoso.com,tailspintoys.com" in text
+
+
+def test_explain_needs_one_rcpt_addr_per_rcpt() -> None:
+    result = run_cli(
+        "explain", "-c", EXAMPLE, "--client-address", "192.0.2.7", "--mail-from", "<>",
+        "--rcpt", "a@contoso.com", "--rcpt", "b@contoso.com", "--rcpt-addr", "a@contoso.com",
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert "give --rcpt-addr once for each --rcpt" in result.stderr
+
+
+def test_explain_json_says_would_reject_in_monitor_mode(tmp_path: Path) -> None:
+    config = tmp_path / "m.yml"
+    config.write_text(Path(EXAMPLE).read_text().replace("mode: enforce", "mode: monitor"))
+    result = run_cli(
+        "explain", "-c", str(config), "--client-address", "192.0.2.7", "--mail-from", "<>",
+        "--rcpt", "kate@tailspintoys.com", "--json",
+    )  # fmt: skip
+    (recipient,) = json.loads(result.stdout)["recipients"]
+    assert recipient["action"] == "would-reject"
+    assert recipient["reply"].startswith("550 5.7.64 Relay Access Denied ATTR36.")
+
+
+def test_explain_takes_sendmails_cn_macros() -> None:
+    result = _explain_json(
+        "--verify", "OK", "--cert-subject", "/O=Contoso/OU=Mail", "--cert-issuer", "/O=Contoso",
+        "--cn-subject", "mail.contoso.com", "--cn-issuer", "Contoso Issuing CA",
+        "--mail-from", "<>", "--rcpt", "kate@tailspintoys.com",
+    )  # fmt: skip
+    assert result["attribution"] == {
+        "organization": "contoso",
+        "connector": "onprem-cert",
+        "kind": "certificate",
+    }
+
+
+def test_inspect_cert_shows_every_certificate_of_a_bundle(tmp_path: Path) -> None:
+    make_certificate(tmp_path / "a.pem", "gw01.contoso.com")
+    make_certificate(tmp_path / "b.pem", "gw02.contoso.com")
+    bundle = tmp_path / "bundle.pem"
+    bundle.write_bytes((tmp_path / "a.pem").read_bytes() + (tmp_path / "b.pem").read_bytes())
+    result = run_cli("inspect-cert", "-c", EXAMPLE, str(bundle))
+    assert result.returncode == 0, result.stderr
+    assert f"{bundle}: certificate 1 of 2" in result.stdout
+    assert f"{bundle}: certificate 2 of 2" in result.stdout
+    assert "gw01.contoso.com" in result.stdout and "gw02.contoso.com" in result.stdout

@@ -128,7 +128,7 @@ organizations:
         "only as the whole first label, as in '*.contoso.com'",
         "relaymilter.yml:13: organizations[0].connectors[3].trusted_issuers: only applies to a connector "
         "with tls_sender_certificate_name",
-        f"relaymilter.yml:16: organizations[0].connectors[4].certificates[0]: cannot read "
+        f"relaymilter.yml:16: organizations[0].connectors[4].certificates[0]: cannot read certificate file "
         f"{Path('relaymilter.yml').resolve().parent / 'missing.pem'}: No such file or directory",
         "relaymilter.yml:17: organizations[1].name: duplicate organization name 'contoso'",
         "relaymilter.yml:18: organizations[1].accepted_domains: must list at least one domain",
@@ -330,3 +330,215 @@ def test_renewed_certificate_files_both_count_on_postfix(tmp_path: Path) -> None
         transaction.attribution is not None
         and transaction.attribution.certificate_name == "smtp.contoso.com"
     )
+
+
+# -- issue 8: configs that would switch the rule off or misattribute -----------
+
+
+def _with_domain(domain: str) -> str:
+    return MINIMAL.replace("[contoso.com]", f"[contoso.com, {domain}]")
+
+
+@pytest.mark.parametrize(
+    ("domain", "message"),
+    [
+        ("com", "com is a public suffix (Public Suffix List)"),
+        ("co.uk", "co.uk is a public suffix (Public Suffix List)"),
+        ("{domain: co.uk, match_subdomains: true}", "and, with match_subdomains, every domain"),
+        ("github.io", "github.io is a public suffix"),  # the list's private section
+        ("foo.ck", "foo.ck is a public suffix"),  # by the wildcard rule *.ck
+        ("corp", "corp is a public suffix"),  # one label: the list's implicit "*" rule
+        ("192.0.2.1", "is an IP address (or reads as one), not a domain"),
+        ("'3221225985'", "is an IP address (or reads as one), not a domain"),
+        ("0xc0.0.2.1", "is an IP address (or reads as one), not a domain"),
+        ("'[192.0.2.1]'", "is an IP address (or reads as one), not a domain"),
+        ("'2001:db8::1'", "is an IP address (or reads as one), not a domain"),
+        ("xn--zzzz.example", "'xn--zzzz' in xn--zzzz.example is not a valid A-label"),
+    ],
+)
+def test_accepted_domains_that_switch_the_rule_off(domain: str, message: str) -> None:
+    (error,) = errors_of(_with_domain(domain))
+    assert error.startswith("relaymilter.yml:3: organizations[0].accepted_domains[1]")
+    assert message in error
+
+
+@pytest.mark.parametrize(
+    "domain", ["www.ck", "contoso.co.uk", "bücher.example", "xn--bcher-kva.example", "a1.example"]
+)
+def test_ordinary_domains_pass_the_new_checks(domain: str) -> None:
+    parse_config(_with_domain(domain), "relaymilter.yml")
+
+
+def test_a_missing_public_suffix_list_is_a_warning(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RELAYMILTER_PUBLIC_SUFFIX_LIST", "/nonexistent/public_suffix_list.dat")
+    config = parse_config(MINIMAL, "relaymilter.yml")
+    assert any("Public Suffix List" in warning for warning in config.warnings)
+
+
+TWO_ORGANIZATIONS = """\
+organizations:
+  - name: contoso
+    accepted_domains: [{first}]
+    connectors:
+      - {{name: onprem-ip, sender_ip_addresses: [192.0.2.0/24]}}
+  - name: tenant2
+    accepted_domains: [{second}]
+    connectors:
+      - {{name: cert, tls_sender_certificate_name: "*.contoso.com"}}
+"""
+
+
+@pytest.mark.parametrize(
+    ("first", "second"),
+    [
+        ("contoso.com", "contoso.com"),
+        ("{domain: contoso.com, match_subdomains: true}", "mail.contoso.com"),
+        ("mail.contoso.com", "{domain: contoso.com, match_subdomains: true}"),
+        ("{domain: contoso.com, match_subdomains: true}", "{domain: contoso.com}"),
+    ],
+)
+def test_a_domain_belongs_to_one_organization(first: str, second: str) -> None:
+    text = TWO_ORGANIZATIONS.format(first=first, second=second)
+    errors = [e for e in errors_of(text) if "overlaps" in e]
+    assert len(errors) == 1, errors
+    assert errors[0].startswith("relaymilter.yml:7: organizations[1].accepted_domains[0]")
+    assert "of organization 'contoso' (line 3): a domain belongs to one organization" in errors[0]
+
+
+def test_separate_domains_of_two_organizations_do_not_overlap() -> None:
+    text = TWO_ORGANIZATIONS.format(first="contoso.com", second="mail.contoso.com").replace(
+        '"*.contoso.com"', "mail.contoso.com"
+    )
+    parse_config(text, "relaymilter.yml")
+
+
+@pytest.mark.parametrize(
+    ("snippet", "message"),
+    [
+        ("reject: {code: 421}", "421 makes Postfix close the whole session"),
+        ("reject: {code: 0550}", "YAML reads 0550 as the number 360 (a leading 0 means octal)"),
+        ("reject: {text: 'Relay denied \u2014 see KB'}", "must be one line of printable ASCII"),
+        ("reject: {text: 'abc\u202edef'}", "must be one line of printable ASCII"),
+    ],
+)
+def test_replies_that_lose_mail_or_break_smtp(snippet: str, message: str) -> None:
+    (error,) = errors_of(f"{snippet}\n{MINIMAL}")
+    assert message in error
+
+
+def test_a_network_with_a_zone_id_is_an_error() -> None:
+    text = MINIMAL.replace("[192.0.2.0/24]", '["fe80::1%eth0"]')
+    assert errors_of(text) == [
+        "relaymilter.yml:6: organizations[0].connectors[0].sender_ip_addresses[0]: 'fe80::1%eth0' "
+        "has a zone id (%eth0): clients are matched by address alone; write the address or "
+        "network without it"
+    ]
+
+
+@pytest.mark.parametrize("name", ["con\ntoso", "contoso\u202e", "con\u2028toso", "a\x00b"])
+def test_names_with_control_or_invisible_characters_are_refused(name: str) -> None:
+    text = MINIMAL.replace("name: contoso", f"name: {name!r}".replace("'", '"'))
+    text = text.replace("\\u", "\\u").replace("\\x00", "\\0")
+    (error,) = errors_of(text)
+    assert "organizations[0].name" in error and "a name must be printable" in error
+
+
+def test_a_name_with_spaces_is_fine_and_quoted_in_the_log() -> None:
+    config = parse_config(MINIMAL.replace("name: contoso", "name: Contoso Ltd"), "x.yml")
+    assert config.organizations[0].name == "Contoso Ltd"
+
+
+@pytest.mark.parametrize(
+    ("network", "socket"),
+    [("0.0.0.0/0", "inet:8894@127.0.0.1"), ('"::/0"', "inet:8894@0.0.0.0")],
+)
+def test_warnings_for_catch_all_networks_and_open_sockets(network: str, socket: str) -> None:
+    text = f"socket: {socket}\n" + MINIMAL.replace("[192.0.2.0/24]", f"[{network}]")
+    warnings = parse_config(text, "relaymilter.yml").warnings
+    assert any("matches every client" in w for w in warnings), warnings
+    assert any("listens on all interfaces" in w for w in warnings) == ("0.0.0.0" in socket)
+
+
+@pytest.mark.parametrize("socket", ["inet:8894", "'inet6:8894@::'", "inet:8894@0.0.0.0"])
+def test_sockets_on_all_interfaces_warn(socket: str) -> None:
+    warnings = parse_config(f"socket: {socket}\n{MINIMAL}", "relaymilter.yml").warnings
+    assert any("listens on all interfaces" in w for w in warnings), warnings
+
+
+def _ca_certificate(path: Path, cn: str) -> None:
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=30))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+
+
+def test_every_leaf_of_a_bundle_counts_and_ca_certificates_are_ignored(tmp_path: Path) -> None:
+    old = make_certificate(tmp_path / "old.pem", "gw01.internal.example", sans=["mail.contoso.com"])
+    new = make_certificate(tmp_path / "new.pem", "gw02.internal.example", sans=["smtp.contoso.com"])
+    _ca_certificate(tmp_path / "ca.pem", "Contoso Issuing CA")
+    bundle = tmp_path / "bundle.pem"
+    bundle.write_bytes(
+        b"".join((tmp_path / n).read_bytes() for n in ("old.pem", "ca.pem", "new.pem"))
+    )
+    text = MINIMAL + '      - name: cert\n        tls_sender_certificate_name: "*.contoso.com"\n'
+    text += "        certificates: [bundle.pem]\n"
+    config = parse_config(text, str(tmp_path / "relaymilter.yml"))
+    (connector,) = [c for c in config.organizations[0].connectors if c.name == "cert"]
+    assert [c.subject_cn for c in connector.certificates] == [
+        "gw01.internal.example",
+        "gw02.internal.example",
+    ]
+    for cert in (old, new):
+        macros = {
+            "{cert_subject}": f"/CN={cert.subject.rfc4514_string()[3:]}",
+            "{verify}": "OK",
+            "{cert_fp}": sendmail_fingerprint(cert),
+        }
+        transaction = Transaction(
+            config, parse_client_address("203.0.113.9"), certificate_from_mapping(macros), "<>"
+        )
+        assert transaction.attribution is not None, cert.subject
+
+
+def test_a_file_of_ca_certificates_only_is_an_error(tmp_path: Path) -> None:
+    _ca_certificate(tmp_path / "ca.pem", "Contoso Issuing CA")
+    text = MINIMAL + '      - name: cert\n        tls_sender_certificate_name: "*.contoso.com"\n'
+    text += "        certificates: [ca.pem]\n"
+    (error,) = errors_of(text, str(tmp_path / "relaymilter.yml"))
+    assert "holds only CA certificates (1); list the client's own certificate" in error
+
+
+@pytest.mark.parametrize("path", ["/dev/zero", "/dev/null"])
+def test_a_certificate_path_that_is_not_a_regular_file_is_refused(path: str) -> None:
+    text = MINIMAL + '      - name: cert\n        tls_sender_certificate_name: "*.contoso.com"\n'
+    text += f"        certificates: [{path}]\n"
+    (error,) = errors_of(text)
+    assert "not a regular file" in error and path in error
+
+
+def test_a_config_path_that_is_a_fifo_is_refused_at_once(tmp_path: Path) -> None:
+    import os
+
+    fifo = tmp_path / "relaymilter.yml"
+    os.mkfifo(fifo)
+    with pytest.raises(ConfigError) as info:
+        load_config(str(fifo))
+    assert "FIFO" in str(info.value)

@@ -8,7 +8,7 @@ from relaymilter.config import parse_config
 from relaymilter.domains import parse_envelope_address
 from relaymilter.model import Config
 from relaymilter.networks import parse_client_address
-from relaymilter.policy import Transaction, decide
+from relaymilter.policy import Transaction, decide, parse_recipient
 from relaymilter.tlsidentity import certificate_from_mapping
 
 from .scenarios import CONFIG, SCENARIOS, Scenario
@@ -72,7 +72,7 @@ def test_configured_reply() -> None:
 
 def test_unattributed_decision_never_rejects(config: Config) -> None:
     sender = parse_envelope_address("<>")
-    decision = decide(config, None, sender, parse_envelope_address("<a@b.example>"))
+    decision = decide(config, None, sender, parse_recipient("<a@b.example>"))
     assert (decision.action, decision.reason) == ("continue", "unattributed")
 
 
