@@ -12,7 +12,7 @@ import ipaddress
 import os
 import re
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
+from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Set, Tuple
 
 import yaml
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
@@ -120,6 +120,7 @@ class _Reader:
         self._order = 0
         #: Every accepted domain as read, with its node, for the cross-organization check.
         self._accepted: List[_AcceptedEntry] = []
+        self._organization_names: Dict[int, str] = {}
         self._suffixes: Optional[publicsuffix.PublicSuffixList] = None
         self._suffix_problem: Optional[str] = None
 
@@ -361,7 +362,7 @@ class _Reader:
         organizations = []
         for index, item in enumerate(items):
             path = f"organizations[{index}]"
-            organization = self.read_organization(item, path)
+            organization = self.read_organization(item, path, index)
             if organization is None:
                 continue
             if organization.name in seen:
@@ -372,7 +373,9 @@ class _Reader:
             organizations.append(organization)
         return tuple(organizations)
 
-    def read_organization(self, node: Node, path: str) -> Optional[Organization]:
+    def read_organization(
+        self, node: Node, path: str, organization_index: int
+    ) -> Optional[Organization]:
         allowed = ("name", "accepted_domains", "connectors")
         fields = self.fields(node, path, allowed, required=allowed)
         if fields is None:
@@ -380,12 +383,10 @@ class _Reader:
         name = self.name(fields["name"][1], path + ".name") if "name" in fields else None
         domains: Tuple[AcceptedDomain, ...] = ()
         if "accepted_domains" in fields:
-            first = len(self._accepted)
             domains = self.read_accepted_domains(
-                fields["accepted_domains"][1], path + ".accepted_domains"
+                fields["accepted_domains"][1], path + ".accepted_domains", organization_index
             )
-            for entry in self._accepted[first:]:
-                entry.organization = name or f"<{path}>"
+        self._organization_names[organization_index] = name or f"<{path}>"
         # Read the connectors even without a valid name, to report their errors too.
         probe = Organization(name or f"<{path}>", domains, ())
         connectors: Tuple[Connector, ...] = ()
@@ -395,7 +396,9 @@ class _Reader:
             return None
         return Organization(name, domains, connectors)
 
-    def read_accepted_domains(self, node: Node, path: str) -> Tuple[AcceptedDomain, ...]:
+    def read_accepted_domains(
+        self, node: Node, path: str, organization_index: int
+    ) -> Tuple[AcceptedDomain, ...]:
         items = self.sequence(node, path, "domains")
         if isinstance(node, SequenceNode) and not items:
             self.error(node, path, "must list at least one domain")
@@ -405,6 +408,11 @@ class _Reader:
             accepted = self.read_accepted_domain(item, item_path)
             if accepted is None:
                 continue
+            mapping = isinstance(item, MappingNode)
+            line = _line(item) or 0
+            self._accepted.append(
+                _AcceptedEntry(accepted, line, organization_index, index, mapping)
+            )
             if accepted.domain in domains:
                 self.warn(item, item_path, f"{accepted.domain} is listed twice")
                 accepted = AcceptedDomain(
@@ -450,9 +458,7 @@ class _Reader:
         if problem is not None:
             self.error(domain_node, domain_path, problem)
             return None
-        accepted = AcceptedDomain(domain, match_subdomains)
-        self._accepted.append(_AcceptedEntry(accepted, domain_node, domain_path))
-        return accepted
+        return AcceptedDomain(domain, match_subdomains)
 
     def public_suffix_problem(self, domain: str, match_subdomains: bool) -> Optional[str]:
         suffixes = self.public_suffixes()
@@ -743,31 +749,37 @@ class _Reader:
         equal or one is below the other and that one matches subdomains, so
         walking each entry's parents finds every pair: O(domains x labels).
         """
-        owners: Dict[str, List[_AcceptedEntry]] = {}
-        for entry in self._accepted:
-            owners.setdefault(entry.accepted.domain, []).append(entry)
+        owners: Dict[str, List[int]] = {}
+        for position, entry in enumerate(self._accepted):
+            owners.setdefault(entry.accepted.domain, []).append(position)
         reported: Set[Tuple[int, int]] = set()
-        for entry in self._accepted:
+        for position, entry in enumerate(self._accepted):
             domain = entry.accepted.domain
             for parent in parent_domains(domain):
-                for other in owners.get(parent, ()):
+                for other_position in owners.get(parent, ()):
+                    other = self._accepted[other_position]
                     if other.organization == entry.organization:
                         continue
                     if parent != domain and not other.accepted.match_subdomains:
                         continue
-                    later, earlier = (entry, other) if entry.line >= other.line else (other, entry)
-                    if (id(later), id(earlier)) not in reported:
-                        reported.add((id(later), id(earlier)))
-                        self.report_shared_domain(later, earlier)
+                    pair = (max(position, other_position), min(position, other_position))
+                    if pair not in reported:
+                        reported.add(pair)
+                        self.report_shared_domain(self._accepted[pair[0]], self._accepted[pair[1]])
 
     def report_shared_domain(self, entry: _AcceptedEntry, other: _AcceptedEntry) -> None:
-        self.error(
-            entry.node,
-            entry.path,
-            f"{_describe_accepted(entry.accepted)} overlaps "
-            f"{_describe_accepted(other.accepted)} of organization {other.organization!r} "
-            f"(line {other.line}): a domain belongs to one organization (as in Exchange "
-            "Online); remove it from one of them",
+        """Reported at the later of the two entries (positions follow the file)."""
+        owner = self._organization_names.get(other.organization, "?")
+        self.errors.append(
+            ConfigIssue(
+                self.path,
+                entry.line,
+                entry.path,
+                f"{_describe_accepted(entry.accepted)} overlaps "
+                f"{_describe_accepted(other.accepted)} of organization {owner!r} "
+                f"(line {other.line}): a domain belongs to one organization (as in Exchange "
+                "Online); remove it from one of them",
+            )
         )
 
     def check_overlaps(self, organizations: Tuple[Organization, ...]) -> None:
@@ -812,15 +824,21 @@ def listens_on_all_interfaces(spec: SocketSpec) -> bool:
     return not spec.is_unix and (spec.host is None or spec.host in ("0.0.0.0", "::", "::0"))
 
 
-class _AcceptedEntry:
-    """An accepted domain as read: where it is, and (once known) whose it is."""
+class _AcceptedEntry(NamedTuple):
+    """An accepted domain as read: where it is, and whose (kept small: there may be 100,000)."""
 
-    def __init__(self, accepted: AcceptedDomain, node: Node, path: str) -> None:
-        self.accepted = accepted
-        self.node = node
-        self.path = path
-        self.line = _line(node) or 0
-        self.organization = ""
+    accepted: AcceptedDomain
+    line: int
+    #: Index of the organization in the file, and of the entry in its accepted_domains.
+    organization: int
+    item: int
+    #: Written as a mapping {domain: ...}: the error points at its "domain" key.
+    mapping: bool
+
+    @property
+    def path(self) -> str:
+        suffix = ".domain" if self.mapping else ""
+        return f"organizations[{self.organization}].accepted_domains[{self.item}]{suffix}"
 
 
 def _describe_accepted(accepted: AcceptedDomain) -> str:

@@ -69,7 +69,11 @@ def address_literal_problem(text: str) -> Optional[str]:
     """Why a configured domain is an IP address in some spelling, or None if it is not one."""
     name = text.strip().rstrip(".")
     last = name.rsplit(".", 1)[-1]
-    if name.startswith("[") or _is_ip_address(name) or (name and _NUMERIC_LABEL.fullmatch(last)):
+    if (
+        name.startswith("[")
+        or (":" in name and _is_ip_address(name))  # IPv6; IPv4 ends in a numeric label
+        or (name and _NUMERIC_LABEL.fullmatch(last))
+    ):
         return (
             f"{text!r} is an IP address (or reads as one), not a domain: "
             "an address is never an accepted domain"

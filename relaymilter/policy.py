@@ -7,7 +7,7 @@ call ``Transaction`` so that they cannot disagree.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, NamedTuple, Optional, Tuple
 
 from .certnames import normalize_certificate_name
 from .domains import EnvelopeAddress, parse_envelope_address, strip_angle_brackets
@@ -62,8 +62,7 @@ class ConnectionAttribution:
         return self.ip_candidates[0]
 
 
-@dataclass(frozen=True)
-class Recipient:
+class Recipient(NamedTuple):
     """A recipient as given at RCPT TO, and where it routes."""
 
     #: The address without angle brackets (a source route, if any, kept).
@@ -92,8 +91,7 @@ def parse_recipient(rcpt_to: str, resolved: Optional[str] = None) -> Recipient:
     return Recipient(address, route)
 
 
-@dataclass(frozen=True)
-class Decision:
+class Decision(NamedTuple):
     recipient: str
     #: continue, reject or would-reject (monitor mode).
     action: str

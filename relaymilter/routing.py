@@ -23,21 +23,21 @@ external: when in doubt, it is external.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import List, Optional, Tuple
+from typing import List, NamedTuple, Optional, Tuple
 
 from .domains import normalize_domain
 
 # Characters that make a local part route somewhere; an address without any of
 # them (and without a source route) is the common case and takes the fast path.
 _ROUTING_CHARACTERS = frozenset('%!"\\:@')
+# Characters no domain has that routing syntax or a literal would leave in one.
+_NOT_IN_DOMAINS = frozenset('"\\[]()<>,;:!%@ \t')
 # Nested forms are unwound one level per round; real addresses need a few.
 # Past this, the address is treated as unroutable (external).
 _MAX_HOPS = 16
 
 
-@dataclass(frozen=True)
-class Route:
+class Route(NamedTuple):
     """The domains an address routes through, nearest first; the last is where it ends.
 
     ``hops`` is empty for an address without a domain; a hop is None when it
@@ -161,6 +161,6 @@ def _dequote(local: str) -> str:
 
 def _hop(text: str) -> Optional[str]:
     """A hop's comparison form, or None when it is not a plain domain."""
-    if any(char in text for char in '"\\[]()<>,;:!%@ \t'):
+    if not _NOT_IN_DOMAINS.isdisjoint(text):
         return None
     return normalize_domain(text)
