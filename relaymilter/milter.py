@@ -245,7 +245,7 @@ class RelayMilter(Milter.Base):  # type: ignore[misc]
             quote(certificate),
             quote(f"<{sender}>"),
             quote(f"<{rcpt}>"),
-            route,
+            quote(route),
             quote(resolved),
             decision.action,
             decision.reason,

@@ -25,13 +25,11 @@ from __future__ import annotations
 
 from typing import List, NamedTuple, Optional, Tuple
 
-from .domains import normalize_domain
+from .domains import is_host_name, normalize_domain
 
 # Characters that make a local part route somewhere; an address without any of
 # them (and without a source route) is the common case and takes the fast path.
 _ROUTING_CHARACTERS = frozenset('%!"\\:@')
-# Characters no domain has that routing syntax or a literal would leave in one.
-_NOT_IN_DOMAINS = frozenset('"\\[]()<>,;:!%@ \t')
 # Nested forms are unwound one level per round; real addresses need a few.
 # Past this, the address is treated as unroutable (external).
 _MAX_HOPS = 16
@@ -160,7 +158,10 @@ def _dequote(local: str) -> str:
 
 
 def _hop(text: str) -> Optional[str]:
-    """A hop's comparison form, or None when it is not a plain domain."""
-    if not _NOT_IN_DOMAINS.isdisjoint(text):
-        return None
-    return normalize_domain(text)
+    """A hop's comparison form, or None when it is not a plain host name.
+
+    The host-name check also keeps anything a client or an MTA left in the
+    name (control characters, quotes, routing syntax) out of the route.
+    """
+    domain = normalize_domain(text)
+    return domain if domain is not None and is_host_name(domain) else None

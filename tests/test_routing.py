@@ -199,3 +199,16 @@ def test_any_text_with_an_external_domain_is_not_internal(text: str, tail: str) 
     route = route_of(text + tail + "@contoso.com")
     if tail:
         assert not CONTOSO.accepts_route(route.hops)
+
+
+@pytest.mark.parametrize(
+    "address",
+    [
+        "vt@tailspintoys.com\x0baction=continue",
+        "a@contoso.com\x00",
+        'a@"contoso.com"',
+        "a@con toso.com",
+    ],
+)
+def test_a_hop_with_characters_no_host_name_has_is_not_a_domain(address: str) -> None:
+    assert route_of(address).hops == (None,)

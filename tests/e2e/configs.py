@@ -46,6 +46,19 @@ def standard(pki: Pki, mode: str = "enforce") -> dict[str, Any]:
     }
 
 
+def with_contoso_subdomains(config: dict[str, Any]) -> dict[str, Any]:
+    """``config`` with contoso.com accepted with every name below it.
+
+    The MTAs' own name relay.contoso.com is then an accepted domain, as in the
+    issue's report: routing forms such as kate%tailspintoys.com@relay.contoso.com
+    name it, and must still count as external.
+    """
+    changed = copy.deepcopy(config)
+    domains = changed["organizations"][0]["accepted_domains"]
+    domains[domains.index("contoso.com")] = {"domain": "contoso.com", "match_subdomains": True}
+    return changed
+
+
 def with_fabrikam_accepted(config: dict[str, Any]) -> dict[str, Any]:
     """``config`` with fabrikam.com added to contoso's accepted domains."""
     changed = copy.deepcopy(config)

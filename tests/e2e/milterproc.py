@@ -27,18 +27,63 @@ from .util import (
     wait_for,
 )
 
-_FIELD = re.compile(r"(\w+)=(<[^>]*>|\S+)")
-_DECISION = re.compile(r"\bdecision (.*)$", re.MULTILINE)
+# One " key=value" field of a decision line. relaymilter writes a value bare
+# when it is printable ASCII without spaces, quotes or backslashes, and in
+# double quotes with backslash escapes otherwise.
+_FIELD = re.compile(r' (\w+)=("(?:[^"\\]|\\.)*"|[^\s"\\]+)')
+_ESCAPE = re.compile(r"\\(?:([\\\"])|x([0-9a-fA-F]{2})|u([0-9a-fA-F]{4})|U([0-9a-fA-F]{8})|(.?))")
+# "INFO decision conn=...": relaymilter's stderr format is "LEVEL message".
+_DECISION = re.compile(r"^(?:[A-Z]+ )?decision( .*)$", re.MULTILINE)
 _RELOAD = re.compile(r"reload: .*\b(loaded|failed)\b")
 
 
+class LogFormatError(ValueError):
+    """A decision line that is not a plain sequence of key=value fields."""
+
+
+def unquote(value: str) -> str:
+    """A bare value as it is; a quoted one without its quotes, escapes undone."""
+    if not value.startswith('"'):
+        return value
+
+    def unescape(match: re.Match[str]) -> str:
+        char, *codes, bad = match.groups()
+        if char is not None:
+            return char
+        for code in codes:
+            if code is not None:
+                return chr(int(code, 16))
+        raise LogFormatError(f"unknown escape \\{bad} in {value}")
+
+    return _ESCAPE.sub(unescape, value[1:-1])
+
+
+def parse_decision_line(line: str) -> dict[str, str]:
+    """The fields of one decision line (the text after ``decision``), unquoted.
+
+    The whole line must be ``key=value`` fields, each key once: anything else
+    (a value that could have smuggled in fields of its own) is an error rather
+    than a guess. ``<...>`` (addresses) is unwrapped after unquoting.
+    """
+    fields: dict[str, str] = {}
+    pos = 0
+    while pos < len(line):
+        match = _FIELD.match(line, pos)
+        if match is None:
+            raise LogFormatError(f"unparseable decision line at {pos}: {line!r}")
+        key, value = match.group(1), unquote(match.group(2))
+        if key in fields:
+            raise LogFormatError(f"field {key} twice in decision line: {line!r}")
+        if len(value) >= 2 and value.startswith("<") and value.endswith(">"):
+            value = value[1:-1]
+        fields[key] = value
+        pos = match.end()
+    return fields
+
+
 def parse_decisions(text: str) -> list[dict[str, str]]:
-    """The key=value fields of every ``decision`` line; ``<...>`` is unwrapped."""
-    out = []
-    for line in _DECISION.findall(text):
-        fields = {k: v[1:-1] if v.startswith("<") else v for k, v in _FIELD.findall(line)}
-        out.append(fields)
-    return out
+    """The key=value fields of every ``decision`` line (see ``parse_decision_line``)."""
+    return [parse_decision_line(line) for line in _DECISION.findall(text)]
 
 
 class RelayMilterProcess:

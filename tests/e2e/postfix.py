@@ -51,6 +51,8 @@ SNIPPET_CA_FILE = "/etc/postfix/relaymilter-client-ca.pem"
 SNIPPET_UNIX_MILTER = "unix:/relaymilter/relaymilter.sock"
 SNIPPET_INET_MILTER = "inet:127.0.0.1:8894"
 UNIX_SOCKET_IN_CHROOT = "relaymilter/relaymilter.sock"
+#: One of Postfix's own domains (myhostname, in mydestination), under contoso.com.
+LOCAL_NAME = "relay.contoso.com"
 
 MAIN_CF = """\
 # Private instance for relaymilter's end-to-end tests (generated).
@@ -59,14 +61,19 @@ queue_directory = {queue}
 data_directory = {data}
 mail_owner = postfix
 setgid_group = postdrop
-myhostname = postfix.e2e.test
+# A host name under the accepted domain contoso.com, and local as in Debian's
+# default mydestination: Postfix's defaults allow_percent_hack, swap_bangpath
+# and resolve_dequoted_address then route kate%tailspintoys.com@$myhostname
+# and the like elsewhere (tests/e2e/test_routing.py).
+myhostname = {local_name}
 mydomain = e2e.test
 myorigin = $myhostname
-# Nothing is local: every recipient is relayed to the sink.
-mydestination =
+mydestination = $myhostname, localhost
 local_recipient_maps =
 alias_maps =
 alias_database =
+# Every recipient, local or not, is relayed to the sink.
+local_transport = smtp:[127.0.0.1]:{sink_port}
 relayhost = [127.0.0.1]:{sink_port}
 smtp_tls_security_level = none
 inet_interfaces = 127.0.0.1
@@ -192,6 +199,7 @@ class PostfixInstance:
         self.config_dir.mkdir(parents=True, exist_ok=True)
         main = MAIN_CF.format(
             base=self.base,
+            local_name=LOCAL_NAME,
             queue=self.queue_dir,
             data=self.data_dir,
             sink_port=self.sink_port,

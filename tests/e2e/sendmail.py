@@ -52,6 +52,8 @@ SNIPPET = REPO / "etc" / "sendmail" / "relaymilter.mc"
 SNIPPET_SOCKET = "S=inet:8894@127.0.0.1"
 PACKAGES = ("sendmail-bin", "sendmail-base", "sendmail-cf", "libwrap0", "m4")
 HOSTNAME = "sendmail.e2e.test"
+#: One of Sendmail's local names ($=w), under contoso.com.
+LOCAL_NAME = "relay.contoso.com"
 LIBDIR = "usr/lib/x86_64-linux-gnu"
 
 
@@ -139,8 +141,13 @@ define(`confDELAY_LA', `0')dnl
 FEATURE(`nocanonify')dnl
 FEATURE(`accept_unresolvable_domains')dnl
 FEATURE(`no_default_msa')dnl
-dnl Relay every message to the sink.
+dnl {local_name}, under the accepted domain contoso.com, is one of Sendmail's
+dnl local names ($=w): kate%tailspintoys.com@{local_name} and the like then route
+dnl elsewhere (tests/e2e/test_routing.py).
+LOCAL_DOMAIN(`{local_name}')dnl
+dnl Relay every message to the sink, local recipients' too.
 define(`SMART_HOST', `esmtp:[127.0.0.1]')dnl
+define(`MAIL_HUB', `esmtp:[127.0.0.1]')dnl
 define(`ESMTP_MAILER_ARGS', `TCP $h {sink_port}')dnl
 define(`SMTP_MAILER_ARGS', `TCP $h {sink_port}')dnl
 define(`RELAY_MAILER_ARGS', `TCP $h {sink_port}')dnl
@@ -261,6 +268,7 @@ class SendmailInstance:
     def _build_cf(self) -> None:
         mc = MC.format(
             hostname=HOSTNAME,
+            local_name=LOCAL_NAME,
             root=self.root,
             run=self.run,
             sink_port=self.sink_port,

@@ -15,7 +15,8 @@ from typing import Optional
 
 from .util import wait_for
 
-_ADDR = re.compile(r"<([^>]*)>")
+# <address>, where a quoted local part may hold ">" ("a> b"@example.com).
+_ADDR = re.compile(r'<((?:"(?:[^"\\]|\\.)*"|[^">])*)>')
 
 
 @dataclass

@@ -12,6 +12,7 @@ to the sink.
 
 from __future__ import annotations
 
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
@@ -114,25 +115,46 @@ class Target:
         *,
         session: Optional[Session] = None,
         check_explain: bool = True,
+        mta_refuses: Collection[str] = (),
+        delivered_as: Optional[Mapping[str, str]] = None,
         **kwargs: Any,
     ) -> Outcome:
         """One transaction; wait for its decisions and, if queued, its delivery.
 
         Without ``session`` a new SMTP session is opened (``kwargs`` as for
-        ``Session``) and closed afterwards.
+        ``Session``) and closed afterwards. ``mta_refuses``: recipients the MTA
+        itself refuses, so relaymilter never sees them. ``delivered_as``: the
+        address the sink gets for an accepted recipient that the MTA rewrites
+        (``kate%contoso.com@relay.contoso.com`` arrives as ``kate@contoso.com``).
         """
         if session is None:
             with self.session(cert, **kwargs) as fresh:
-                return self.run(mail_from, rcpts, session=fresh, check_explain=check_explain)
+                return self.run(
+                    mail_from,
+                    rcpts,
+                    session=fresh,
+                    check_explain=check_explain,
+                    mta_refuses=mta_refuses,
+                    delivered_as=delivered_as,
+                )
         offset = self.milter.offset()
         txn = session.transaction(mail_from, rcpts)
-        reached_milter = [r for r, reply in txn.rcpts.items() if reply.code != 503]
+        reached_milter = [
+            r for r, reply in txn.rcpts.items() if reply.code != 503 and r not in mta_refuses
+        ]
         found = self.milter.wait_decisions(offset, len(reached_milter)) if reached_milter else []
-        decisions = {d["to"]: d for d in found}
+        assert len(found) == len(reached_milter), f"decisions {found} for {reached_milter}"
+        # One connection judges its recipients in order: the n-th line is the n-th RCPT.
+        decisions = dict(zip(reached_milter, found))
+        for rcpt, decision in decisions.items():
+            assert decision["to"] in (rcpt, _without_source_route(rcpt)), (rcpt, decision)
         delivered = self.sink.wait(txn.token) if txn.queued else None
         outcome = Outcome(txn, decisions, delivered)
         if delivered is not None:
-            assert sorted(delivered.rcpts) == sorted(txn.accepted), "sink recipients differ"
+            expected = sorted((delivered_as or {}).get(r, r) for r in txn.accepted)
+            assert sorted(delivered.rcpts) == expected, (
+                f"the sink got {delivered.rcpts}, expected {expected}"
+            )
             assert delivered.mail_from == mail_from
         if check_explain and decisions:
             self.check_explain(outcome, session)
@@ -158,6 +180,10 @@ class Target:
             xtext(f"/CN={cert.subject_cn}"),
             "--cert-issuer",
             xtext(f"/CN={cert.issuer_cn}"),
+            "--cn-subject",
+            xtext(cert.subject_cn),
+            "--cn-issuer",
+            xtext(cert.issuer_cn),
             "--cert-fingerprint",
             cert.sha256,
         ]
@@ -166,30 +192,52 @@ class Target:
         return any(cert is self.pki.clients[name] for name in MTA_TRUSTED)
 
     def check_explain(self, outcome: Outcome, session: Session) -> None:
-        """``relaymilter explain``, fed the macros this MTA sent, must agree."""
+        """``relaymilter explain``, fed the macros this MTA sent, must agree.
+
+        That includes ``{rcpt_addr}``: each decision's ``mta_rcpt`` (``-`` when
+        the MTA's address was the one given) goes back in as ``--rcpt-addr``.
+        """
         args = ["--client-address", session.source_ip, "--mail-from", outcome.txn.mail_from]
         args += self.macros(session.cert, session.starttls)
-        for rcpt in outcome.decisions:
-            args += ["--rcpt", rcpt]
+        decisions = list(outcome.decisions.items())
+        for rcpt, _ in decisions:
+            args.append(f"--rcpt={rcpt}")
+        if any(d.get("mta_rcpt", "-") != "-" for _, d in decisions):
+            for rcpt, decision in decisions:
+                mta_rcpt = decision["mta_rcpt"]
+                args.append(f"--rcpt-addr={rcpt if mta_rcpt == '-' else mta_rcpt}")
         result = explain(self.milter.config_path, args)
-        by_rcpt = {r["recipient"]: r for r in result["recipients"]}
-        for rcpt, decision in outcome.decisions.items():
-            predicted = by_rcpt[rcpt]
-            # explain answers with what the MTA is told: in monitor mode a
-            # would-reject is a "continue" (with reason attr36).
-            live_action = "continue" if decision["action"] == "would-reject" else decision["action"]
+        assert len(result["recipients"]) == len(decisions), result
+        for (rcpt, decision), predicted in zip(decisions, result["recipients"]):
             assert (predicted["action"], predicted["reason"]) == (
-                live_action,
+                decision["action"],
                 decision["reason"],
             ), f"explain disagrees with {self.name} for {rcpt}: {predicted} vs {decision}"
-            if predicted["reply"] is not None:
-                # What relaymilter answers is what the client got (bar Sendmail's prefix).
-                seen = outcome.reply(rcpt).replace(f"<{rcpt}>... ", "")
-                assert predicted["reply"] == seen, (predicted["reply"], seen)
+            if "route" in decision and "route" in predicted:
+                hops = ",".join(h or "?" for h in predicted["route"]) or "-"
+                assert hops == decision["route"], (rcpt, predicted, decision)
+            if "mta_rcpt" in decision and "mta_rcpt" in predicted:
+                assert (predicted["mta_rcpt"] or "-") == decision["mta_rcpt"], (rcpt, predicted)
+            if decision["action"] == "continue":
+                assert predicted["reply"] is None, predicted
+            else:
+                # What relaymilter answers (or, in monitor mode, would have
+                # answered) is the refusal the client gets, bar Sendmail's prefix.
+                expected = self.refusal(rcpt).replace(f"<{rcpt}>... ", "")
+                assert predicted["reply"] == expected, (predicted["reply"], expected)
+                if decision["action"] == "reject":
+                    assert outcome.reply(rcpt) == self.refusal(rcpt), outcome.reply(rcpt)
         attribution = result["attribution"]
-        live = next(iter(outcome.decisions.values()))
+        live = decisions[0][1]
         for key in ("organization", "connector", "kind"):
             assert (attribution[key] or "-") == live[key], (key, attribution, live)
+
+
+def _without_source_route(address: str) -> str:
+    """``@a,@b:user@c`` without its source route (as older decision lines wrote it)."""
+    if address.startswith("@") and ":" in address:
+        return address.split(":", 1)[1]
+    return address
 
 
 def is_tempfail(reply: Optional[Reply]) -> bool:

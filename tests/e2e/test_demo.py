@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from .milterproc import parse_decisions
+
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -30,5 +32,7 @@ def test_demo_shows_an_allowed_and_two_refused_messages() -> None:
         "-> 550 5.7.64 Relay Access Denied ATTR36. For more details please refer to https://support.microsoft.com/kb/3169958.",
         "-> 550 5.7.64 Relay Access Denied ATTR36. For more details please refer to https://support.microsoft.com/kb/3169958.",
     ]
-    assert "from=<> to=<kate@tailspintoys.com> action=reject reason=attr36" in result.stdout
+    bounce = {"from": "", "to": "kate@tailspintoys.com", "action": "reject", "reason": "attr36"}
+    decisions = parse_decisions(result.stdout)
+    assert any(bounce.items() <= d.items() for d in decisions), decisions
     assert "from=<app@contoso.com> to=['kate@tailspintoys.com']" in result.stdout
