@@ -11,23 +11,34 @@ libmilter notices a stop request only when its accept loop wakes: every 5 s,
 or at once when a connection arrives. SIGUSR2 (the unit's ``KillSignal=``) is a
 prompt stop: the same stop request, then a connection to our own socket to
 wake the loop.
+
+A reload runs in a worker thread of its own, never in the signal thread: a
+reload that is slow or stuck (a file that blocks, a slow disk) must not delay
+the stop signal, which the signal thread waits for.
+
+The socket is opened through ``relaymilter.listener``, which never takes over
+a live milter's socket and names the system's reason for a failure.
+
+Exit status: 0 after a clean stop, ``EXIT_CONFIG`` (78, sysexits' EX_CONFIG)
+for a configuration error at start, so that systemd does not restart in a loop
+(``RestartPreventExitStatus=78``), and 1 for any other failure.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import signal
 import socket
 import threading
 import time
-from typing import Optional
+from typing import Callable, Optional
 
 import Milter
 import milter
 
 from .config import ConfigError, load_config
+from .listener import SocketFile, StartError, check_inet_bind, libmilter_open, open_unix, reason
 from .milter import RelayMilter
 from .model import Config
 from .notify import ServiceNotifier, milter_address
@@ -42,6 +53,10 @@ _BLOCKED_SIGNALS = {signal.SIGHUP, signal.SIGTERM, signal.SIGINT, RELOAD_SIGNAL,
 # How often a prompt stop knocks on the socket until the accept loop has ended.
 _WAKE_INTERVAL = 0.05
 
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_CONFIG = 78  # sysexits.h EX_CONFIG
+
 
 class Daemon:
     def __init__(self, config_path: str, socket_override: Optional[str]) -> None:
@@ -50,6 +65,8 @@ class Daemon:
         self.socket = ""
         self.notifier: Optional[ServiceNotifier] = None
         self.serving = threading.Event()
+        self._socket_file: Optional[SocketFile] = None
+        self._reloads = ReloadWorker(self.reload)
 
     def status(self) -> str:
         config = RelayMilter.current_config
@@ -58,34 +75,45 @@ class Daemon:
     def run(self) -> int:
         config = self._load_initial()
         if config is None:
-            return 1
+            return EXIT_CONFIG
         self.socket = self.socket_override or config.socket
         try:
             spec = parse_socket_spec(self.socket)
         except SocketSpecError as exc:
             logger.error("cannot start: --socket %s", exc)
-            return 1
+            return EXIT_CONFIG
         RelayMilter.current_config = config
         RelayMilter.stream_socket = not spec.is_unix
         signal.pthread_sigmask(signal.SIG_BLOCK, _BLOCKED_SIGNALS)
-        if not self._open_socket(spec):
-            return 1
+        try:
+            self._open_socket(spec)
+        except StartError as exc:
+            logger.error("cannot start: %s", exc)
+            return EXIT_FAILURE
+        try:
+            return self._serve(config)
+        finally:
+            if self._socket_file is not None:
+                self._socket_file.remove()
+
+    def _serve(self, config: Config) -> int:
         self.notifier = ServiceNotifier(self.socket, self.status)
         logger.info("listening on %s: %s (%s)", self.socket, config.summary(), self.config_path)
         self.notifier.ready()
         self.notifier.start_watchdog()
+        self._reloads.start()
         threading.Thread(target=self._signal_loop, name="signals", daemon=True).start()
         self.serving.set()
         try:
             milter.main()
         except milter.error as exc:
             logger.error("milter stopped with an error: %s", exc)
-            return 1
+            return EXIT_FAILURE
         finally:
             self.serving.clear()
             self.notifier.stopping()
         logger.info("stopped: %s", RelayMilter.counter.describe())
-        return 0
+        return EXIT_OK
 
     def _load_initial(self) -> Optional[Config]:
         try:
@@ -99,34 +127,26 @@ class Daemon:
             logger.warning("config: %s", warning)
         return config
 
-    def _open_socket(self, spec: SocketSpec) -> bool:
+    def _open_socket(self, spec: SocketSpec) -> None:
+        """Listen on ``spec`` through libmilter, or raise StartError with the system's reason."""
         _register_callbacks()
         milter.setconn(self.socket)
         milter.register(MILTER_NAME, negotiate=Milter.negotiate_callback)
-        if spec.is_unix and spec.path and not os.path.isdir(os.path.dirname(spec.path)):
-            logger.error("cannot start: directory %s does not exist", os.path.dirname(spec.path))
-            return False
-        # A unix socket is born 0660 (never world-writable): the MTA reaches it
-        # through group membership.
-        previous = os.umask(0o117) if spec.is_unix else None
         try:
-            milter.opensocket(True)
-        except milter.error as exc:
-            logger.error("cannot start: cannot listen on %s: %s", self.socket, exc)
-            return False
-        finally:
-            if previous is not None:
-                os.umask(previous)
-        if spec.is_unix and spec.path:
-            os.chmod(spec.path, 0o660)
-        return True
+            if spec.is_unix and spec.path:
+                self._socket_file = open_unix(self.socket, spec.path)
+            else:
+                check_inet_bind(self.socket, spec)
+                libmilter_open(self.socket)
+        except OSError as exc:
+            raise StartError(f"cannot listen on {self.socket}: {reason(exc)}") from None
 
     def _signal_loop(self) -> None:
         while True:
             if signal.sigwait({RELOAD_SIGNAL, STOP_SIGNAL}) == STOP_SIGNAL:
                 self.stop_promptly()
                 return
-            self.reload()
+            self._reloads.request()
 
     def stop_promptly(self) -> None:
         """Ask libmilter to stop, and wake its accept loop until it has."""
@@ -172,6 +192,50 @@ class Daemon:
         RelayMilter.current_config = config
         logger.info("reload: loaded %s: %s", self.config_path, config.summary())
         return True
+
+
+class ReloadWorker:
+    """Runs reloads in a thread of its own, one at a time.
+
+    The signal thread only calls ``request``, which never blocks, so it is
+    always free to take the stop signal. Requests that arrive while a reload
+    runs are folded into one more reload after it: that one reads the file
+    again, so the last edit is always loaded, and a burst of signals costs
+    two reloads, not one per signal.
+    """
+
+    def __init__(self, reload: Callable[[], object]) -> None:
+        self._reload = reload
+        self._changed = threading.Condition()
+        self._pending = False
+        self._running = False
+        self._thread = threading.Thread(target=self._loop, name="reload", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def request(self) -> None:
+        with self._changed:
+            if self._running:
+                queued = "one more is already queued" if self._pending else "one more follows it"
+                logger.info("reload: requested during a reload; %s", queued)
+            self._pending = True
+            self._changed.notify()
+
+    def _loop(self) -> None:
+        while True:
+            with self._changed:
+                while not self._pending:
+                    self._changed.wait()
+                self._pending = False
+                self._running = True
+            try:
+                self._reload()
+            except Exception:  # the thread must survive to serve the next request
+                logger.error("reload: failed", exc_info=True)
+            finally:
+                with self._changed:
+                    self._running = False
 
 
 def _register_callbacks() -> None:

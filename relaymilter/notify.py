@@ -67,6 +67,8 @@ class ServiceNotifier:
         self._send("READY=1", self._status_line())
 
     def reloading(self) -> None:
+        if self._stop.is_set():
+            return  # a reload still running when the daemon stops: systemd hears STOPPING last
         # MONOTONIC_USEC lets systemd (254+, Type=notify-reload) match the
         # RELOADING=1 with the reload it asked for; older versions ignore it.
         usec = time.monotonic_ns() // 1000
@@ -74,6 +76,8 @@ class ServiceNotifier:
 
     def reloaded(self) -> None:
         """Back in service, with the new config or, after a failed reload, the old one."""
+        if self._stop.is_set():
+            return  # not back in service: stopping
         self._send("READY=1", self._status_line())
 
     def stopping(self) -> None:

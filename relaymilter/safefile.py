@@ -55,7 +55,8 @@ class UnsafeFileError(OSError):
 def read_regular_file(path: str, limit: int, what: str = "file") -> bytes:
     """Return the contents of the regular file at ``path``, at most ``limit`` bytes.
 
-    ``what`` names the file in messages ("config file", "certificate file").
+    ``what`` names the file in messages, as in "cannot read {what} {path}: …"
+    ("the config file", "certificate file").
     A symbolic link to a regular file is followed. Raises UnsafeFileError for
     anything else: a missing or unreadable file (with the system's reason), a
     FIFO, a device, a directory or a socket, or a file larger than ``limit``.
@@ -106,7 +107,7 @@ def _check_size(path: str, what: str, size: int, limit: int) -> None:
         raise UnsafeFileError(
             path,
             what,
-            f"it is {_size(size)}, larger than the {_size(limit)} allowed for a {what}",
+            f"it is {_size(size)}, more than the limit of {_size(limit)}",
             errno.EFBIG,
         )
 
@@ -126,7 +127,7 @@ def _read_at_most(fd: int, path: str, what: str, limit: int) -> bytes:
         raise UnsafeFileError(
             path,
             what,
-            f"it is larger than the {_size(limit)} allowed for a {what} (it grew while being read)",
+            f"it holds more than the limit of {_size(limit)} (it grew while being read)",
             errno.EFBIG,
         )
     return b"".join(chunks)
@@ -140,8 +141,8 @@ def _os_error(path: str, what: str, exc: OSError) -> UnsafeFileError:
 
 
 def _size(size: int) -> str:
-    """A size for a message: exact bytes, and MiB or KiB for the larger ones."""
-    for unit, scale in (("MiB", 1024 * 1024), ("KiB", 1024)):
+    """A size for a message: exact bytes, and GiB, MiB or KiB for the larger ones."""
+    for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
         if size >= scale:
             amount = f"{size / scale:.1f}".removesuffix(".0")
             return f"{amount} {unit} ({size} bytes)"

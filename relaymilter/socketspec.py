@@ -3,8 +3,14 @@
 from __future__ import annotations
 
 import ipaddress
+import os
 from dataclasses import dataclass
 from typing import Optional
+
+# The longest unix socket path libmilter binds, in bytes: sun_path holds 108
+# bytes on Linux, and libmilter wants room for the terminating NUL and one
+# more (it refuses strlen(path) + 1 >= sizeof sun_path).
+MAX_UNIX_PATH = 106
 
 
 class SocketSpecError(ValueError):
@@ -32,6 +38,7 @@ def parse_socket_spec(text: str) -> SocketSpec:
     if scheme in ("unix", "local"):
         if not rest.startswith("/"):
             raise SocketSpecError(f"{text!r}: the unix socket path must be absolute")
+        _check_path_length(text, rest)
         return SocketSpec("unix", path=rest)
     if scheme not in ("inet", "inet6"):
         raise SocketSpecError(f"{text!r}: unknown socket type {scheme!r} (unix, inet or inet6)")
@@ -42,6 +49,15 @@ def parse_socket_spec(text: str) -> SocketSpec:
     if host:
         _check_host(text, scheme, host)
     return SocketSpec(scheme, host=host or None, port=int(port_text))
+
+
+def _check_path_length(text: str, path: str) -> None:
+    size = len(os.fsencode(path))
+    if size > MAX_UNIX_PATH:
+        raise SocketSpecError(
+            f"{text!r}: the unix socket path is too long ({size} bytes; "
+            f"at most {MAX_UNIX_PATH} fit in a socket address)"
+        )
 
 
 def _check_host(text: str, scheme: str, host: str) -> None:

@@ -193,6 +193,44 @@ def running_daemon(
         daemon.stop()
 
 
+# relaymilter whose reloads wait: reload N (the initial load is not one) logs
+# "test: reload N waits", then waits until the file RELEASE.N exists. Only
+# daemon.load_config is wrapped: the signals, threads and socket are real.
+_GATED_RELOAD = """\
+import logging, os, sys, time
+from relaymilter import cli, daemon
+
+release = sys.argv.pop(1)
+load_config = daemon.load_config
+calls = 0
+
+
+def gated_load_config(path):
+    global calls
+    calls += 1
+    if calls > 1:
+        logging.getLogger("relaymilter").info("test: reload %d waits", calls - 1)
+        while not os.path.exists(f"{release}.{calls - 1}"):
+            time.sleep(0.01)
+    return load_config(path)
+
+
+daemon.load_config = gated_load_config
+sys.exit(cli.main())
+"""
+
+
+def gated_reload_command(directory: Path) -> Tuple[List[str], Path]:
+    """``relaymilter run`` whose reloads wait to be released, and the release-file prefix.
+
+    Release reload N with ``Path(f"{prefix}.{N}").touch()``.
+    """
+    script = directory / "gated_relaymilter.py"
+    script.write_text(_GATED_RELOAD)
+    prefix = directory / "release"
+    return [sys.executable, str(script), str(prefix), "run"], prefix
+
+
 # -- a milter-protocol client (the MTA side) ----------------------------------
 
 
