@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 from pathlib import Path
+from typing import List
 
 from relaymilter import __version__
 
-from .support import REPO, make_certificate, run_cli
+from .support import REPO, make_certificate, relaymilter_command, run_cli
 
 EXAMPLE = str(REPO / "etc" / "relaymilter.yml")
 
@@ -185,41 +188,31 @@ def test_inspect_cert_unreadable(tmp_path: Path) -> None:
     assert "cannot read" in result.stderr
 
 
-def test_check_config_sets_journal_priorities_under_systemd(tmp_path: Path) -> None:
-    """On a journal stream, errors are <3> and warnings <4> (SyslogLevelPrefix), not info."""
-    import os
-    import subprocess
-
-    from .support import relaymilter_command
-
-    bad = tmp_path / "bad.yml"
-    bad.write_text("mode: strict\norganizations: []\n")
-    stream = tmp_path / "stderr"
+def _check_config_on_a_journal_stream(config: Path, stream: Path) -> List[str]:
+    """Run check-config with stderr on ``stream``, as if it were systemd's journal stream."""
     with stream.open("wb") as handle:
         info = os.fstat(handle.fileno())
         env = {**os.environ, "JOURNAL_STREAM": f"{info.st_dev}:{info.st_ino}"}
         subprocess.run(
-            [*relaymilter_command(), "check-config", "-c", str(bad)],
+            [*relaymilter_command(), "check-config", "-c", str(config)],
             stdout=subprocess.DEVNULL,
             stderr=handle,
             env=env,
             check=False,
         )
-    lines = stream.read_text().splitlines()
+    return stream.read_text().splitlines()
+
+
+def test_check_config_sets_journal_priorities_under_systemd(tmp_path: Path) -> None:
+    """On a journal stream, errors are <3> and warnings <4> (SyslogLevelPrefix), not info."""
+    bad = tmp_path / "bad.yml"
+    bad.write_text("mode: strict\norganizations: []\n")
+    lines = _check_config_on_a_journal_stream(bad, tmp_path / "stderr")
     assert len(lines) == 3 and all(line.startswith("<3>") for line in lines), lines
     monitor = tmp_path / "monitor.yml"
     monitor.write_text(Path(EXAMPLE).read_text().replace("mode: enforce", "mode: monitor"))
-    with stream.open("wb") as handle:
-        info = os.fstat(handle.fileno())
-        env = {**os.environ, "JOURNAL_STREAM": f"{info.st_dev}:{info.st_ino}"}
-        subprocess.run(
-            [*relaymilter_command(), "check-config", "-c", str(monitor)],
-            stdout=subprocess.DEVNULL,
-            stderr=handle,
-            env=env,
-            check=True,
-        )
-    assert stream.read_text().startswith("<4>warning: ")
+    lines = _check_config_on_a_journal_stream(monitor, tmp_path / "stderr")
+    assert lines and all(line.startswith("<4>warning: ") for line in lines), lines
 
 
 def _explain_json(*args: str) -> dict[str, object]:
