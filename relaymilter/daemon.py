@@ -164,9 +164,20 @@ class Daemon:
             time.sleep(_WAKE_INTERVAL)
 
     def reload(self) -> bool:
-        """Build and validate a new config; swap it in, or keep the old one and say why."""
+        """Build and validate a new config; swap it in, or keep the old one and say why.
+
+        READY=1 (and the status line) follows the swap, so that the service
+        manager never reports the reload done, or the old summary, too early.
+        """
         if self.notifier:
             self.notifier.reloading()
+        try:
+            return self._load_and_swap()
+        finally:
+            if self.notifier:
+                self.notifier.reloaded()
+
+    def _load_and_swap(self) -> bool:
         try:
             config = load_config(self.config_path)
         except ConfigError as exc:
@@ -180,9 +191,6 @@ class Daemon:
         except Exception:
             logger.error("reload: failed, keeping the previous configuration", exc_info=True)
             return False
-        finally:
-            if self.notifier:
-                self.notifier.reloaded()
         for warning in config.warnings:
             logger.warning("config: %s", warning)
         if not self.socket_override and config.socket != self.socket:

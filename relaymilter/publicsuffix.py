@@ -94,6 +94,7 @@ def load(path: Optional[str] = None) -> PublicSuffixList:
                 text = read_regular_file(path, _MAX_SIZE, "public suffix list").decode("utf-8")
             except (UnsafeFileError, UnicodeDecodeError) as exc:
                 raise PublicSuffixListError(str(exc)) from None
+            _cache.clear()  # only the list's current version is worth keeping
             cached = _cache[key] = parse(text)
         return cached
 

@@ -1,22 +1,32 @@
-"""Fixtures for the packaging tests: the .deb and .rpm, built once per session.
+"""Fixtures for the packaging tests: the .deb and .rpm, built once per session, and a guest.
 
 The builds run packaging/build-deb and packaging/build-rpm, which fail unless
 lintian and rpmlint are clean, into a temporary dist directory (the
 checkout's dist/ is left alone).
+
+Nothing is ever installed on this machine. The .deb is installed, run,
+upgraded and purged only in ``guest``: a throwaway Debian 12 container with a
+real systemd as PID 1 (container.py), booted once for the packaging tests and
+removed after them.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
+import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List
+from types import FrameType
+from typing import Dict, Iterator, List, Optional
 
 import pytest
 
-from ..support import REPO
+from ..support import REPO, MilterSession
+from . import container
+from .container import Guest
 
 # Debian's tools and python3 first: never a pyenv or venv interpreter.
 SYSTEM_PATH = "/usr/sbin:/usr/bin:/sbin:/bin"
@@ -82,3 +92,177 @@ def rpm(dist_dir: Path) -> Build:
     output = run([str(REPO / "packaging" / "build-rpm"), str(dist_dir)])
     (package,) = dist_dir.glob("relaymilter-*.noarch.rpm")
     return Build(package, output)
+
+
+# -- the guest ----------------------------------------------------------------------------
+
+GUEST_DEB = "/root/relaymilter.deb"
+CONF = "/etc/relaymilter/relaymilter.yml"
+SHIPPED_CONF = "/root/relaymilter.yml.shipped"
+TEST_DROP_INS = "/run/systemd/system/relaymilter.service.d"
+APT_INSTALL = [
+    "apt-get",
+    "install",
+    "-y",
+    "-q",
+    "-o",
+    "Dpkg::Options::=--force-confdef",
+    "-o",
+    "Dpkg::Options::=--force-confold",
+]
+
+
+# What the guest cost, for the terminal summary (the container part must stay short).
+GUEST_TIMES: Dict[str, float] = {}
+
+
+def _interrupt(signum: int, frame: Optional[FrameType]) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    if "total" not in GUEST_TIMES:
+        return
+    built = GUEST_TIMES.get("base")
+    base = f"built in {built:.1f} s" if built else "cached"
+    terminalreporter.write_line(
+        f"packaging guest: {GUEST_TIMES['total']:.1f} s in all"
+        f" (base tree {base}, boot {GUEST_TIMES.get('boot', 0):.1f} s)"
+    )
+
+
+@pytest.fixture(scope="package")
+def guest(deb: Build, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Guest]:
+    """A booted Debian 12 guest with the .deb copied in (not installed yet).
+
+    Its journal and console are kept in the session's temporary directory
+    (guest-logs/) for reading after a failure.
+    """
+    require_root("boots a throwaway systemd container")
+    require_tools("mmdebstrap", "nsenter", "mount", "umount", "dpkg-deb", "apt-get")
+    nspawn = container.find_nspawn()
+    if nspawn is None:
+        try:
+            nspawn = container.ensure_nspawn()
+        except container.ContainerError as exc:
+            message = f"no systemd-nspawn (scripts/bootstrap unpacks it): {exc}"
+            if os.environ.get("CI"):
+                pytest.fail(message)
+            pytest.skip(message)
+    # pytest tears fixtures down on KeyboardInterrupt, not on SIGTERM: make
+    # "kill PID" clean up the guest too. (SIGKILL leaves it to the next
+    # session's container.sweep.)
+    previous = signal.getsignal(signal.SIGTERM)
+    if previous == signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, _interrupt)
+    started = time.monotonic()
+    base = container.ensure_base(deb.package)
+    logs = tmp_path_factory.mktemp("guest-logs")
+    try:
+        with Guest(base.path, nspawn, logs) as booted:
+            booted.copy_in(deb.package, GUEST_DEB)
+            built = f"base tree built in {base.built_in:.1f} s, " if base.built_in else ""
+            container.log(
+                f"guest ready after {time.monotonic() - started:.1f} s ({built}"
+                f"boot {booted.boot_seconds or 0:.1f} s); logs in {logs}"
+            )
+            GUEST_TIMES.update(boot=booted.boot_seconds or 0, base=base.built_in or 0)
+            yield booted
+    finally:
+        base.release()
+        GUEST_TIMES["total"] = time.monotonic() - started
+        if previous == signal.SIG_DFL:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def package_status(guest: Guest) -> Optional[str]:
+    """dpkg's "Status Version" of relaymilter in the guest, or None if it is not known."""
+    result = guest.run("dpkg-query", "-W", "-f=${Status} ${Version}", "relaymilter", check=False)
+    return result.stdout if result.returncode == 0 else None
+
+
+@pytest.fixture
+def installed(guest: Guest) -> Guest:
+    """The guest with the .deb installed (again, if an earlier test purged it)."""
+    if not (package_status(guest) or "").startswith("install ok installed"):
+        guest.run(*APT_INSTALL, GUEST_DEB, timeout=300)
+        guest.run("cp", "-p", CONF, SHIPPED_CONF)
+    return guest
+
+
+@pytest.fixture
+def service(installed: Guest) -> Guest:
+    """relaymilter.service active with the shipped unit and configuration.
+
+    Undoes what earlier tests left: drop-ins in /run, an edited configuration,
+    a failed or stopped unit. Restarts only if something had changed.
+    """
+    restart = False
+    if installed.exists(TEST_DROP_INS):
+        installed.run("rm", "-rf", TEST_DROP_INS)
+        installed.run("systemctl", "daemon-reload")
+        restart = True
+    shipped = installed.read(SHIPPED_CONF)
+    if installed.read(CONF) != shipped:
+        installed.write(CONF, shipped)  # in place: owner and mode stay
+        restart = True
+    state = installed.props("relaymilter.service", "ActiveState", "SubState")
+    if state != {"ActiveState": "active", "SubState": "running"}:
+        installed.run("systemctl", "reset-failed", "relaymilter.service", check=False)
+        restart = True
+    if restart:
+        installed.run("systemctl", "restart", "relaymilter.service")
+    return installed
+
+
+SOCKET = "inet:8894@127.0.0.1"  # the shipped relaymilter.yml's
+
+
+def milter_replies(
+    guest: Guest,
+    recipients: List[str],
+    client: str = "192.0.2.10",
+    sender: str = "<app@example.net>",
+    queue_id: str = "4GuestTest1",
+    socket: str = SOCKET,
+) -> List[str]:
+    """One milter transaction with the guest's daemon, as its MTA would talk to it.
+
+    192.0.2.10 is in the shipped configuration's IP connector (organization
+    contoso), so a relay from a sender outside contoso is refused. A TCP
+    socket is reached in the guest's network namespace, a unix socket through
+    the guest's root.
+    """
+    if socket.startswith("unix:"):
+        socket = f"unix:/proc/{guest.leader}/root{socket[5:]}"
+
+    def talk() -> List[str]:
+        session = MilterSession(socket)
+        try:
+            session.negotiate()
+            session.connect(client)
+            session.mail(sender, {"i": queue_id})
+            return [session.rcpt(recipient) for recipient in recipients]
+        finally:
+            session.close()
+
+    return talk() if socket.startswith("unix:") else guest.in_network(talk)
+
+
+def unit_log(guest: Guest, mark: str, *args: str) -> List[Dict[str, str]]:
+    """relaymilter.service's journal entries since ``mark`` (JSON objects)."""
+    return guest.journal_entries(mark, "-u", "relaymilter.service", *args)
+
+
+def messages(entries: List[Dict[str, str]], pid: Optional[str] = None) -> List[str]:
+    return [str(e.get("MESSAGE", "")) for e in entries if pid is None or e.get("_PID") == pid]
+
+
+def wait_for_log(guest: Guest, mark: str, text: str, pid: str, timeout: float = 15) -> List[str]:
+    """Wait until the process ``pid`` has logged a message containing ``text``; its messages."""
+
+    def logged() -> Optional[List[str]]:
+        found = messages(unit_log(guest, mark), pid)
+        return found if any(text in message for message in found) else None
+
+    return container.wait_for(logged, timeout, f"{text!r} from PID {pid}", interval=0.1)

@@ -51,6 +51,7 @@ def test_metadata_and_requires(rpm: Build, db: Path) -> None:
         "python3-cryptography >= 3.4",
         "python3-sdnotify >= 0.3",
         "python3-idna >= 3.3",
+        "publicsuffix-list",
         "shadow-utils",
         "systemd",
         "/usr/bin/python3",

@@ -55,6 +55,8 @@ def test_the_unit_has_readiness_watchdog_reload_and_sandbox() -> None:
     assert s["Service", "User"] == ["relaymilter"]
     assert s["Service", "UMask"] == ["0007"]
     assert s["Service", "Restart"] == ["on-failure"]
+    # A configuration error (exit 78, EX_CONFIG) is not retried forever.
+    assert s["Service", "RestartPreventExitStatus"] == ["78"]
     assert s["Service", "WatchdogSec"]
     assert (
         "postfix.service" in s["Unit", "Before"][0] and "sendmail.service" in s["Unit", "Before"][0]
@@ -79,6 +81,11 @@ def test_the_unit_has_readiness_watchdog_reload_and_sandbox() -> None:
     assert s["Service", "SystemCallFilter"][0] == "@system-service"
     assert ("Service", "PIDFile") not in s  # Type=notify knows the main PID
     assert s["Install", "WantedBy"] == ["multi-user.target"]
+
+
+def test_the_debian_unit_is_the_shared_one() -> None:
+    debian = REPO / "packaging" / "debian" / "relaymilter.service"
+    assert debian.read_text() == UNIT.read_text()
 
 
 def test_sysusers_creates_the_system_user() -> None:
