@@ -76,7 +76,7 @@ def address_literal_problem(text: str) -> Optional[str]:
     ):
         return (
             f"{text!r} is an IP address (or reads as one), not a domain: "
-            "an address is never an accepted domain"
+            "an address is never an accepted domain; list the organization's domain names"
         )
     return None
 
@@ -97,7 +97,10 @@ def a_label_problem(domain: str) -> Optional[str]:
         try:
             idna.decode(label)
         except (idna.IDNAError, UnicodeError) as exc:
-            return f"{label!r} in {domain} is not a valid A-label (IDNA 2008: {exc})"
+            return (
+                f"{label!r} in {domain} is not a valid A-label (IDNA 2008: {exc}); "
+                "write the domain in Unicode, or copy its A-label from the DNS"
+            )
     return None
 
 
