@@ -8,6 +8,7 @@ The same code path serves ``run``, reload and ``check-config``.
 from __future__ import annotations
 
 import difflib
+import hashlib
 import ipaddress
 import os
 import re
@@ -34,6 +35,7 @@ from .model import (
     DEFAULT_SOCKET,
     MODE_ENFORCE,
     MODE_MONITOR,
+    MODES,
     ON_ERROR_ACCEPT,
     ON_ERROR_TEMPFAIL,
     AcceptedDomain,
@@ -86,6 +88,11 @@ def load_config(path: str) -> Config:
     return parse_config(text, path)
 
 
+def config_identity(text: str) -> str:
+    """A short hash of the config's text: names the config behind each logged decision."""
+    return hashlib.sha256(text.encode("utf-8", "surrogateescape")).hexdigest()[:12]
+
+
 def parse_config(text: str, path: str) -> Config:
     """Validate and build a config from YAML text; ``path`` names it in messages."""
     try:
@@ -95,7 +102,7 @@ def parse_config(text: str, path: str) -> Config:
         line = mark.line + 1 if mark is not None else None
         problem = getattr(exc, "problem", None) or str(exc)
         raise ConfigError([ConfigIssue(path, line, "", f"not valid YAML: {problem}")]) from None
-    reader = _Reader(path)
+    reader = _Reader(path, config_identity(text))
     config = reader.read_root(root)
     if reader.errors or config is None:
         raise ConfigError(sorted(reader.errors, key=lambda issue: issue.line or 0))
@@ -112,8 +119,9 @@ _STR_TAG = "tag:yaml.org,2002:str"
 class _Reader:
     """Walks the YAML node tree, checking it against the schema and collecting issues."""
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, identity: str = "-") -> None:
         self.path = path
+        self.identity = identity
         self.errors: List[ConfigIssue] = []
         self.warnings: List[ConfigIssue] = []
         self._base_dir = os.path.dirname(os.path.abspath(path))
@@ -228,7 +236,7 @@ class _Reader:
         socket = self.read_socket(fields.get("socket"))
         mode = MODE_ENFORCE
         if "mode" in fields:
-            mode = self.choice(fields["mode"][1], "mode", (MODE_ENFORCE, MODE_MONITOR)) or mode
+            mode = self.choice(fields["mode"][1], "mode", MODES) or mode
         on_error = ON_ERROR_TEMPFAIL
         if "on_error" in fields:
             choices = (ON_ERROR_TEMPFAIL, ON_ERROR_ACCEPT)
@@ -245,7 +253,7 @@ class _Reader:
             self.warn(fields["mode"][1], "mode", "monitor mode: refusals are only logged")
         if on_error == ON_ERROR_ACCEPT:
             self.warn(fields["on_error"][1], "on_error", "internal errors will let mail through")
-        ip_table, names, files = build_indexes(organizations)
+        ip_table, names, files = build_indexes(organizations, mode)
         return Config(
             path=self.path,
             socket=socket,
@@ -257,7 +265,14 @@ class _Reader:
             ip_connectors=ip_table,
             certificate_connectors=names,
             certificate_files=files,
+            identity=self.identity,
         )
+
+    def scoped_mode(self, fields: Dict[str, _Field], path: str) -> Optional[str]:
+        """An organization's or connector's own ``mode`` (the most specific one wins)."""
+        if "mode" not in fields:
+            return None
+        return self.choice(fields["mode"][1], path + ".mode", MODES)
 
     def read_socket(self, field: Optional[_Field]) -> str:
         if field is None:
@@ -376,8 +391,12 @@ class _Reader:
     def read_organization(
         self, node: Node, path: str, organization_index: int
     ) -> Optional[Organization]:
-        allowed = ("name", "accepted_domains", "connectors")
-        fields = self.fields(node, path, allowed, required=allowed)
+        fields = self.fields(
+            node,
+            path,
+            ("name", "accepted_domains", "connectors", "mode"),
+            required=("name", "accepted_domains", "connectors"),
+        )
         if fields is None:
             return None
         name = self.name(fields["name"][1], path + ".name") if "name" in fields else None
@@ -392,9 +411,10 @@ class _Reader:
         connectors: Tuple[Connector, ...] = ()
         if "connectors" in fields:
             connectors = self.read_connectors(fields["connectors"][1], path + ".connectors", probe)
+        mode = self.scoped_mode(fields, path)
         if name is None:
             return None
-        return Organization(name, domains, connectors)
+        return Organization(name, domains, connectors, mode)
 
     def read_accepted_domains(
         self, node: Node, path: str, organization_index: int
@@ -524,6 +544,7 @@ class _Reader:
             "tls_sender_certificate_name",
             "trusted_issuers",
             "certificates",
+            "mode",
         )
         fields = self.fields(node, path, allowed, required=("name",))
         if fields is None or "name" not in fields:
@@ -568,6 +589,7 @@ class _Reader:
             certificate_pattern=pattern,
             trusted_issuers=issuers,
             certificates=certificates,
+            mode=self.scoped_mode(fields, path),
         )
 
     def read_networks(self, node: Node, path: str) -> Tuple[IPNetwork, ...]:

@@ -98,7 +98,13 @@ class Daemon:
 
     def _serve(self, config: Config) -> int:
         self.notifier = ServiceNotifier(self.socket, self.status)
-        logger.info("listening on %s: %s (%s)", self.socket, config.summary(), self.config_path)
+        logger.info(
+            "listening on %s: %s (%s, config %s)",
+            self.socket,
+            config.summary(),
+            self.config_path,
+            config.identity,
+        )
         self.notifier.ready()
         self.notifier.start_watchdog()
         self._reloads.start()
@@ -198,7 +204,9 @@ class Daemon:
                 "reload: socket changed to %s; it takes effect on restart", config.socket
             )
         RelayMilter.current_config = config
-        logger.info("reload: loaded %s: %s", self.config_path, config.summary())
+        logger.info(
+            "reload: loaded %s: %s (config %s)", self.config_path, config.summary(), config.identity
+        )
         return True
 
 

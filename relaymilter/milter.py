@@ -11,16 +11,18 @@ from __future__ import annotations
 import itertools
 import logging
 import threading
-from typing import Any, List, Optional
+from typing import Any, Dict, List, Optional
 
 import Milter
 
 from .domains import strip_envelope
-from .logfmt import escape, log_fields, quote
+from .journal import FIELDS_ATTR
+from .logfmt import log_fields, quote
 from .model import ON_ERROR_TEMPFAIL, TEMPFAIL_REPLY, Config, Reply
 from .networks import IPAddress, parse_client_address
-from .policy import ACTION_REJECT, Decision, Transaction
-from .tlsidentity import certificate_from_macros
+from .policy import REFUSING_ACTIONS, Decision, Transaction
+from .record import DecisionRecord
+from .tlsidentity import certificate_from_mapping, certificate_macros
 
 logger = logging.getLogger("relaymilter")
 
@@ -78,7 +80,7 @@ class DecisionCounter:
                 self.errors += 1
                 return
             self.total += 1
-            if decision.action == ACTION_REJECT:
+            if decision.action in REFUSING_ACTIONS:
                 self.rejected += 1
 
     def describe(self) -> str:
@@ -102,6 +104,8 @@ class RelayMilter(Milter.Base):  # type: ignore[misc]
         self.client_label = "unknown"
         self.mail_from = ""
         self.transaction: Optional[Transaction] = None
+        #: The certificate macros of the current transaction, as the MTA sent them.
+        self.certificate_macros: Dict[str, str] = {}
         self.failed_in: Optional[str] = None
 
     # -- negotiation -------------------------------------------------------
@@ -147,6 +151,7 @@ class RelayMilter(Milter.Base):  # type: ignore[misc]
         # A new transaction: nothing of the previous one carries over.
         self.mail_from = mailfrom
         self.transaction = None
+        self.certificate_macros = {}
         return CONTINUE
 
     def envrcpt(self, to: str, *params: str) -> int:
@@ -156,14 +161,15 @@ class RelayMilter(Milter.Base):  # type: ignore[misc]
             if self.transaction is None:
                 if self.client_address is None:
                     self._client_from_macro()
-                presented = certificate_from_macros(self.getsymval)
+                self.certificate_macros = certificate_macros(self.getsymval)
+                presented = certificate_from_mapping(self.certificate_macros)
                 self.transaction = Transaction(
                     self.config, self.client_address, presented, self.mail_from
                 )
             decision = self.transaction.decide(to, self.getsymval("{rcpt_addr}"))
             self._log_decision(decision, to)
             RelayMilter.counter.count(decision)
-            if decision.action == ACTION_REJECT and decision.reply is not None:
+            if decision.action in REFUSING_ACTIONS and decision.reply is not None:
                 return self._refuse(decision.reply)
             return CONTINUE
         except Exception:
@@ -224,43 +230,28 @@ class RelayMilter(Milter.Base):  # type: ignore[misc]
     def _log_decision(self, decision: Decision, recipient: str) -> None:
         transaction = self.transaction
         attribution = transaction.attribution if transaction else None
-        queue_id = self._queue_id()
-        organization = attribution.organization.name if attribution else None
-        connector = attribution.connector_name if attribution else None
-        kind = attribution.kind if attribution else None
-        certificate = attribution.certificate_name if attribution else None
-        sender = transaction.sender.address if transaction else strip_envelope(self.mail_from)
-        rcpt = decision.recipient or strip_envelope(recipient)
-        route = decision.route.describe()
-        resolved = f"<{decision.resolved}>" if decision.resolved is not None else None
-        logger.info(
-            "decision conn=%d queue_id=%s client=%s organization=%s connector=%s kind=%s "
-            "certificate=%s from=%s to=%s route=%s mta_rcpt=%s action=%s reason=%s",
-            self.connection_id,
-            quote(queue_id),
-            self.client_label,
-            quote(organization),
-            quote(connector),
-            kind or "-",
-            quote(certificate),
-            quote(f"<{sender}>"),
-            quote(f"<{rcpt}>"),
-            quote(route),
-            quote(resolved),
-            decision.action,
-            decision.reason,
-            extra=log_fields(
-                action=decision.action,
-                reason=decision.reason,
-                queue_id=queue_id,
-                client_address=self.client_label,
-                organization=organization,
-                connector=connector,
-                kind=kind,
-                certificate=certificate,
-                sender=escape(sender),
-                recipient=escape(rcpt),
-                route=route,
-                mta_rcpt=escape(decision.resolved) if decision.resolved is not None else None,
-            ),
+        macros = self.certificate_macros
+        record = DecisionRecord(
+            conn=str(self.connection_id),
+            queue_id=self._queue_id(),
+            client=self.client_label,
+            organization=attribution.organization.name if attribution else None,
+            connector=attribution.connector_name if attribution else None,
+            kind=attribution.kind if attribution else None,
+            certificate=attribution.certificate_name if attribution else None,
+            cert_subject=macros.get("{cert_subject}"),
+            cert_issuer=macros.get("{cert_issuer}"),
+            verify=macros.get("{verify}"),
+            cn_subject=macros.get("{cn_subject}"),
+            cn_issuer=macros.get("{cn_issuer}"),
+            cert_fp=macros.get("{cert_fp}") or macros.get("{cert_md5}"),
+            sender=transaction.sender.address if transaction else strip_envelope(self.mail_from),
+            recipient=decision.recipient or strip_envelope(recipient),
+            route=decision.route.describe(),
+            mta_rcpt=decision.resolved,
+            mode=decision.mode,
+            config=self.config.identity,
+            action=decision.action,
+            reason=decision.reason,
         )
+        logger.info("%s", record.line(), extra={FIELDS_ATTR: record.journal_fields()})

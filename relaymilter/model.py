@@ -16,6 +16,10 @@ from .tlsidentity import PresentedCertificate
 
 MODE_ENFORCE = "enforce"
 MODE_MONITOR = "monitor"
+#: Refuse with a temporary failure (451 4.7.64): the sender keeps the message
+#: and retries, so nothing bounces (a stage between monitor and enforce).
+MODE_SOFT = "soft"
+MODES = (MODE_ENFORCE, MODE_SOFT, MODE_MONITOR)
 ON_ERROR_TEMPFAIL = "tempfail"
 ON_ERROR_ACCEPT = "accept"
 
@@ -45,6 +49,9 @@ class Reply:
         return self.code.startswith("5")
 
 
+SOFT_REJECT_CODE = "451"
+SOFT_REJECT_STATUS = "4.7.64"
+
 TEMPFAIL_REPLY = Reply("451", "4.3.0", "relaymilter: internal error, please try again later")
 
 
@@ -67,6 +74,8 @@ class Connector:
     #: Issuer CNs, casefolded; empty means any issuer the MTA trusts.
     trusted_issuers: FrozenSet[str] = frozenset()
     certificates: Tuple[CertificateFile, ...] = ()
+    #: This connector's own mode; None: the organization's.
+    mode: Optional[str] = None
 
     @property
     def is_certificate_connector(self) -> bool:
@@ -94,6 +103,8 @@ class Organization:
     name: str
     accepted_domains: Tuple[AcceptedDomain, ...]
     connectors: Tuple[Connector, ...]
+    #: This organization's own mode; None: the config's.
+    mode: Optional[str] = None
     _exact: FrozenSet[str] = field(init=False, repr=False, compare=False)
     _subtrees: FrozenSet[str] = field(init=False, repr=False, compare=False)
 
@@ -145,6 +156,9 @@ class Attribution:
     kind: str
     #: The certificate name that matched (kind certificate only).
     certificate_name: Optional[str] = None
+    #: The mode in force for this connector: its own, else its organization's,
+    #: else the config's (the most specific wins); resolved once per load.
+    mode: str = MODE_ENFORCE
 
     @property
     def connector_name(self) -> str:
@@ -190,6 +204,8 @@ class Config:
     reject: Reply
     organizations: Tuple[Organization, ...]
     warnings: Tuple[str, ...] = ()
+    #: A short hash of the file's text: which config made a decision (in every record).
+    identity: str = "-"
     ip_connectors: NetworkTable[Attribution] = field(
         default_factory=NetworkTable, repr=False, compare=False
     )
@@ -201,8 +217,25 @@ class Config:
     )
 
     @property
-    def enforcing(self) -> bool:
-        return self.mode == MODE_ENFORCE
+    def soft_reject(self) -> Reply:
+        """The refusal in soft mode: a temporary failure with the configured text."""
+        return Reply(SOFT_REJECT_CODE, SOFT_REJECT_STATUS, self.reject.text)
+
+    def modes(self) -> str:
+        """Which organizations and connectors are in which mode, for check-config."""
+        scoped: Dict[str, List[str]] = {}
+        for organization in self.organizations:
+            if organization.mode and organization.mode != self.mode:
+                scoped.setdefault(organization.mode, []).append(organization.name)
+            inherited = organization.mode or self.mode
+            for connector in organization.connectors:
+                if connector.mode and connector.mode != inherited:
+                    scoped.setdefault(connector.mode, []).append(
+                        f"{organization.name}/{connector.name}"
+                    )
+        parts = [f"mode {self.mode}"]
+        parts.extend(f"{mode}: {', '.join(names)}" for mode, names in sorted(scoped.items()))
+        return "; ".join(parts)
 
     def summary(self) -> str:
         """One line: what is loaded."""
@@ -214,7 +247,7 @@ class Config:
             f"{_count(domains, 'accepted domain')}, "
             f"{_count(len(connectors), 'connector')} "
             f"({certificate} certificate, {len(connectors) - certificate} ip), "
-            f"mode {self.mode}"
+            f"{self.modes()}"
         )
 
 
@@ -222,8 +255,13 @@ def _count(number: int, noun: str) -> str:
     return f"{number} {noun}{'' if number == 1 else 's'}"
 
 
+def effective_mode(default: str, organization: Organization, connector: Connector) -> str:
+    """The most specific mode: the connector's, else the organization's, else ``default``."""
+    return connector.mode or organization.mode or default
+
+
 def build_indexes(
-    organizations: Tuple[Organization, ...],
+    organizations: Tuple[Organization, ...], default_mode: str = MODE_ENFORCE
 ) -> Tuple[NetworkTable[Attribution], CertificateNameIndex[Attribution], CertificateFileIndex]:
     """The look-up structures for attribution, built once per load (in file order)."""
     ip_table: NetworkTable[Attribution] = NetworkTable()
@@ -231,14 +269,15 @@ def build_indexes(
     files: List[CertificateFile] = []
     for organization in organizations:
         for connector in organization.connectors:
+            mode = effective_mode(default_mode, organization, connector)
             if connector.certificate_pattern is not None:
                 names.add(
                     connector.certificate_pattern,
-                    Attribution(organization, connector, KIND_CERTIFICATE),
+                    Attribution(organization, connector, KIND_CERTIFICATE, mode=mode),
                 )
                 files.extend(connector.certificates)
             else:
-                attribution = Attribution(organization, connector, KIND_IP)
+                attribution = Attribution(organization, connector, KIND_IP, mode=mode)
                 for network in connector.sender_ip_addresses:
                     ip_table.add(network, attribution)
     ip_table.freeze()

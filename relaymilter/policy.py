@@ -11,7 +11,15 @@ from typing import Dict, List, NamedTuple, Optional, Tuple
 
 from .certnames import normalize_certificate_name
 from .domains import EnvelopeAddress, parse_envelope_address, strip_angle_brackets
-from .model import KIND_CERTIFICATE, KIND_IP, Attribution, Config, Reply
+from .model import (
+    KIND_CERTIFICATE,
+    KIND_IP,
+    MODE_ENFORCE,
+    MODE_SOFT,
+    Attribution,
+    Config,
+    Reply,
+)
 from .networks import IPAddress
 from .routing import NO_ROUTE, Route, route_of
 from .tlsidentity import PresentedCertificate
@@ -36,6 +44,10 @@ REASON_UNATTRIBUTED = "unattributed"
 ACTION_CONTINUE = "continue"
 ACTION_REJECT = "reject"
 ACTION_WOULD_REJECT = "would-reject"
+#: Soft mode: refused with a temporary failure (451 4.7.64), so nothing bounces.
+ACTION_SOFT_REJECT = "soft-reject"
+#: The actions that refuse the recipient at the MTA.
+REFUSING_ACTIONS = frozenset((ACTION_REJECT, ACTION_SOFT_REJECT))
 
 
 @dataclass(frozen=True)
@@ -101,6 +113,8 @@ class Decision(NamedTuple):
     route: Route = NO_ROUTE
     #: The MTA's resolved address, when it differs from the given one.
     resolved: Optional[str] = None
+    #: The mode in force for this decision (the connector's, organization's or config's).
+    mode: str = MODE_ENFORCE
 
 
 def certificate_names(config: Config, presented: PresentedCertificate) -> List[str]:
@@ -162,18 +176,31 @@ def decide(
 ) -> Decision:
     """Judge one recipient of an attributed (or unattributed) transaction."""
     reason = _reason(attribution, sender, recipient)
+    mode = attribution.mode if attribution is not None else config.mode
     if reason is not None:
         return Decision(
-            recipient.address, ACTION_CONTINUE, reason, None, recipient.route, recipient.resolved
+            recipient.address,
+            ACTION_CONTINUE,
+            reason,
+            None,
+            recipient.route,
+            recipient.resolved,
+            mode,
         )
-    action = ACTION_REJECT if config.enforcing else ACTION_WOULD_REJECT
+    if mode == MODE_ENFORCE:
+        action, reply = ACTION_REJECT, config.reject
+    elif mode == MODE_SOFT:
+        action, reply = ACTION_SOFT_REJECT, config.soft_reject
+    else:
+        action, reply = ACTION_WOULD_REJECT, config.reject
     return Decision(
         recipient.address,
         action,
         REASON_ATTR36,
-        config.reject,
+        reply,
         recipient.route,
         recipient.resolved,
+        mode,
     )
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Callable, List, Mapping, Optional
+from typing import Callable, Dict, List, Mapping, Optional
 
 #: The macros relaymilter reads for the client certificate.
 CERTIFICATE_MACROS = (
@@ -131,6 +131,22 @@ def certificate_from_macros(
         fingerprint=fingerprint,
         trusted=verify is None or verify == "OK",
     )
+
+
+def certificate_macros(getsymval: Callable[[str], Optional[str]]) -> Dict[str, str]:
+    """The certificate macros the MTA sent, verbatim (none without a subject).
+
+    Recorded with each decision, so that a replay can decide again from them.
+    """
+    subject = getsymval("{cert_subject}")
+    if not subject:
+        return {}
+    found = {"{cert_subject}": subject}
+    for name in CERTIFICATE_MACROS[1:]:
+        value = getsymval(name)
+        if value:
+            found[name] = value
+    return found
 
 
 def certificate_from_mapping(macros: Mapping[str, Optional[str]]) -> Optional[PresentedCertificate]:

@@ -56,7 +56,7 @@ def test_check_config_lists_every_error(tmp_path: Path) -> None:
     assert result.stdout == ""
     assert result.stderr.splitlines() == [
         f"relaymilter: 2 error(s) in {config}:",
-        f"  {config}:1: mode: must be one of enforce, monitor, not 'strict'",
+        f"  {config}:1: mode: must be one of enforce, soft, monitor, not 'strict'",
         f"  {config}:6: organizations[0].connectors[0].tls_sender_certificate_name: connector 'hcw': "
         "'mail.contoso.com' is not a domain registered with organization 'contoso'; use '*.contoso.com' "
         "(as Exchange's Hybrid Configuration Wizard does; contoso.com is registered) or add "

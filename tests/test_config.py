@@ -60,7 +60,7 @@ def test_defaults() -> None:
         ),
         (
             "mode: enforced\n",
-            "relaymilter.yml:1: mode: must be one of enforce, monitor, not 'enforced'",
+            "relaymilter.yml:1: mode: must be one of enforce, soft, monitor, not 'enforced'",
         ),
         ("on_error: reject\n", "relaymilter.yml:1: on_error: must be one of tempfail, accept"),
         ("moed: monitor\n", "relaymilter.yml:1: moed: unknown key; did you mean 'mode'?"),
@@ -119,7 +119,7 @@ organizations:
         "relaymilter.yml:6: organizations[0].connectors[0].sender_ip_addresses[2]: '::ffff:192.0.2.0/120' is "
         "IPv4-mapped; write the IPv4 form (clients are matched as IPv4)",
         "relaymilter.yml:7: organizations[0].connectors[0].colour: unknown key (allowed: name, "
-        "sender_ip_addresses, tls_sender_certificate_name, trusted_issuers, certificates)",
+        "sender_ip_addresses, tls_sender_certificate_name, trusted_issuers, certificates, mode)",
         "relaymilter.yml:8: organizations[0].connectors[1]: a connector needs sender_ip_addresses, "
         "tls_sender_certificate_name, or both",
         "relaymilter.yml:8: organizations[0].connectors[1].name: duplicate connector name 'a' in "

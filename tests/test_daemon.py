@@ -13,6 +13,8 @@ from typing import Iterator
 import pytest
 from miltertest import constants as mc
 
+from relaymilter.record import DecisionRecord, parse_line
+
 from .scenarios import CONFIG, SCENARIOS, Scenario
 from .support import (
     ATTR36,
@@ -70,16 +72,29 @@ def test_requests_its_own_macros(session: MilterSession) -> None:
 
 
 def test_replies_at_rcpt(session: MilterSession, daemon: Daemon) -> None:
+    before = len(daemon.log())
     session.connect("192.0.2.10")
     session.mail("<>")
     assert session.rcpt("<kate@tailspintoys.com>") == "550 " + ATTR36
     assert session.rcpt("<kate@contoso.com>") == "continue"
     log = daemon.wait_for_log("to=<kate@contoso.com>")
-    assert (
-        "queue_id=NOQUEUE client=192.0.2.10 organization=contoso connector=onprem-ip kind=ip "
-        "certificate=- from=<> to=<kate@tailspintoys.com> route=tailspintoys.com mta_rcpt=- "
-        "action=reject reason=attr36"
-    ) in log
+    records = [r for r in map(parse_line, log[before:].splitlines()) if r is not None]
+    assert records[0] == DecisionRecord(
+        conn=records[0].conn,
+        queue_id="NOQUEUE",
+        client="192.0.2.10",
+        organization="contoso",
+        connector="onprem-ip",
+        kind="ip",
+        sender="",
+        recipient="kate@tailspintoys.com",
+        route="tailspintoys.com",
+        mode="enforce",
+        config=records[0].config,
+        action="reject",
+        reason="attr36",
+    )
+    assert records[0].config and len(records[0].config) == 12
 
 
 def test_two_transactions_on_one_connection(session: MilterSession) -> None:
@@ -100,9 +115,22 @@ def test_certificate_macros_at_mail_and_queue_id(session: MilterSession, daemon:
     )
     assert session.rcpt("<kate@tailspintoys.com>", {"i": "ABC123"}) == "continue"
     log = daemon.wait_for_log("queue_id=ABC123")
-    assert (
-        "kind=certificate certificate=mail.contoso.com from=<> to=<kate@tailspintoys.com> "
-        "route=tailspintoys.com mta_rcpt=- action=continue reason=certificate" in log
+    (record,) = [r for r in map(parse_line, log.splitlines()) if r and r.queue_id == "ABC123"]
+    assert record._replace(conn=None, config=None) == DecisionRecord(
+        queue_id="ABC123",
+        client="203.0.113.5",
+        organization="contoso",
+        connector="onprem-cert",
+        kind="certificate",
+        certificate="mail.contoso.com",
+        cert_subject="mail.contoso.com",
+        cert_issuer="Contoso Issuing CA",
+        sender="",
+        recipient="kate@tailspintoys.com",
+        route="tailspintoys.com",
+        mode="enforce",
+        action="continue",
+        reason="certificate",
     )
 
 

@@ -107,3 +107,42 @@ organizations:
         "mail",
         "exact",
     )
+
+
+STAGED = """\
+mode: monitor
+organizations:
+  - name: contoso
+    mode: soft
+    accepted_domains: [contoso.com]
+    connectors:
+      - {name: printers, sender_ip_addresses: [192.0.2.200/32], mode: enforce}
+      - {name: onprem-ip, sender_ip_addresses: [192.0.2.0/24]}
+  - name: fabrikam
+    accepted_domains: [fabrikam.com]
+    connectors:
+      - {name: fab-ip, sender_ip_addresses: [198.51.100.0/24]}
+"""
+
+
+def test_the_most_specific_mode_wins_and_soft_refuses_temporarily() -> None:
+    config = parse_config(STAGED, "staged.yml")
+
+    def refusal(client: str) -> tuple[str, str, str]:
+        transaction = Transaction(config, parse_client_address(client), None, "<>")
+        decision = transaction.decide("<kate@tailspintoys.com>")
+        return decision.action, decision.mode, str(decision.reply)
+
+    assert refusal("192.0.2.7") == (
+        "soft-reject",
+        "soft",
+        "451 4.7.64 Relay Access Denied ATTR36. For more details please refer to "
+        "https://support.microsoft.com/kb/3169958.",
+    )
+    assert refusal("192.0.2.200")[:2] == ("reject", "enforce")
+    assert refusal("198.51.100.1")[:2] == ("would-reject", "monitor")
+    internal = Transaction(config, parse_client_address("192.0.2.7"), None, "<>")
+    assert internal.decide("<a@contoso.com>").mode == "soft"
+    assert config.summary().endswith("mode monitor; enforce: contoso/printers; soft: contoso"), (
+        config.summary()
+    )

@@ -1,0 +1,145 @@
+"""The decision record: what each recipient decision logs, defined once.
+
+The milter writes it (one ``decision`` line, and the same values as journal
+fields) and the readers (``report``, ``replay``) read it back, from either form,
+through this module alone: there is no second field list. A record carries
+everything a replay needs to decide again through ``policy.Transaction``: the
+client address, the certificate macros as the MTA sent them, the envelope and
+the MTA's resolved recipient, plus the mode in force and the config's identity.
+
+The line is ``decision key=value ...`` with values as ``logfmt.quote`` writes
+them: a bare ``-`` is a missing value. Records written before a field existed
+simply lack it (None).
+"""
+
+from __future__ import annotations
+
+from typing import Dict, Iterator, Mapping, NamedTuple, Optional, Tuple
+
+from .logfmt import FIELD, quote, unquote
+
+#: The word that starts a decision line's message.
+MARKER = "decision "
+
+
+class DecisionRecord(NamedTuple):
+    conn: Optional[str] = None
+    queue_id: Optional[str] = None
+    #: The client's IP address (or what the MTA sent, if it was not one).
+    client: Optional[str] = None
+    organization: Optional[str] = None
+    connector: Optional[str] = None
+    #: ``ip`` or ``certificate``: how the connection was attributed.
+    kind: Optional[str] = None
+    #: The certificate name that matched a connector.
+    certificate: Optional[str] = None
+    #: The certificate as the MTA described it: its macros, verbatim.
+    cert_subject: Optional[str] = None
+    cert_issuer: Optional[str] = None
+    verify: Optional[str] = None
+    cn_subject: Optional[str] = None
+    cn_issuer: Optional[str] = None
+    cert_fp: Optional[str] = None
+    #: The envelope sender without angle brackets ("" for the null sender).
+    sender: Optional[str] = None
+    recipient: Optional[str] = None
+    #: The domains the recipient routes through, comma-separated.
+    route: Optional[str] = None
+    #: The MTA's {rcpt_addr}, when it differed from the recipient.
+    mta_rcpt: Optional[str] = None
+    #: The mode in force: enforce, soft or monitor.
+    mode: Optional[str] = None
+    #: The identity (a short hash) of the config that decided.
+    config: Optional[str] = None
+    action: Optional[str] = None
+    reason: Optional[str] = None
+
+    def line(self) -> str:
+        """The log message: ``decision`` and every field, in a fixed order."""
+        parts = [MARKER.rstrip()]
+        for name, key, _ in FIELDS:
+            value = getattr(self, name)
+            if name in _ADDRESSES and value is not None:
+                value = f"<{value}>"
+            parts.append(f"{key}={quote(value)}")
+        return " ".join(parts)
+
+    def journal_fields(self) -> Dict[str, str]:
+        """The same values as journal fields (``RELAYMILTER_`` is prefixed by the handler)."""
+        fields = {}
+        for name, _, field in FIELDS:
+            value = getattr(self, name)
+            if value is not None:
+                fields[field] = value
+        return fields
+
+
+#: (attribute, key in the line, journal field name without the RELAYMILTER_ prefix).
+FIELDS: Tuple[Tuple[str, str, str], ...] = (
+    ("conn", "conn", "CONN"),
+    ("queue_id", "queue_id", "QUEUE_ID"),
+    ("client", "client", "CLIENT_ADDRESS"),
+    ("organization", "organization", "ORGANIZATION"),
+    ("connector", "connector", "CONNECTOR"),
+    ("kind", "kind", "KIND"),
+    ("certificate", "certificate", "CERTIFICATE"),
+    ("cert_subject", "cert_subject", "CERT_SUBJECT"),
+    ("cert_issuer", "cert_issuer", "CERT_ISSUER"),
+    ("verify", "verify", "VERIFY"),
+    ("cn_subject", "cn_subject", "CN_SUBJECT"),
+    ("cn_issuer", "cn_issuer", "CN_ISSUER"),
+    ("cert_fp", "cert_fp", "CERT_FINGERPRINT"),
+    ("sender", "from", "SENDER"),
+    ("recipient", "to", "RECIPIENT"),
+    ("route", "route", "ROUTE"),
+    ("mta_rcpt", "mta_rcpt", "MTA_RCPT"),
+    ("mode", "mode", "MODE"),
+    ("config", "config", "CONFIG"),
+    ("action", "action", "ACTION"),
+    ("reason", "reason", "REASON"),
+)
+_ADDRESSES = frozenset(("sender", "recipient", "mta_rcpt"))
+_BY_KEY = {key: name for name, key, _ in FIELDS}
+_BY_JOURNAL_FIELD = {field: name for name, _, field in FIELDS}
+
+
+def parse_line(line: str) -> Optional[DecisionRecord]:
+    """The record in a log line (stderr, syslog, mail.log), or None if it holds none.
+
+    Whatever precedes the ``decision`` marker (a syslog prefix, a level) is
+    skipped; unknown keys are ignored, missing ones are None.
+    """
+    start = line.find(MARKER)
+    if start < 0 or (start > 0 and not line[start - 1].isspace()):
+        return None
+    values: Dict[str, Optional[str]] = {}
+    for key, token in FIELD.findall(line, start + len(MARKER)):
+        name = _BY_KEY.get(key)
+        if name is None or name in values:
+            continue
+        values[name] = _value(name, token)
+    if "action" not in values or "recipient" not in values:
+        return None  # a truncated line, or another program's
+    return DecisionRecord(**values)
+
+
+def from_journal(entry: Mapping[str, str]) -> Optional[DecisionRecord]:
+    """The record in a journal entry's ``RELAYMILTER_*`` fields (prefix already removed)."""
+    values = {name: entry[field] for field, name in _BY_JOURNAL_FIELD.items() if field in entry}
+    if "action" not in values or "recipient" not in values:
+        return None
+    return DecisionRecord(**values)
+
+
+def _value(name: str, token: str) -> Optional[str]:
+    if token == "-":
+        return None
+    value = unquote(token)
+    if name in _ADDRESSES and value.startswith("<") and value.endswith(">"):
+        value = value[1:-1]
+    return value
+
+
+def field_names() -> Iterator[str]:
+    """The line's keys, in order (for documentation and tests)."""
+    return (key for _, key, _ in FIELDS)
