@@ -10,6 +10,9 @@ Postfix is touched) gets four smtpd listeners on loopback:
   naive-unix   a do-nothing pymilter milter that overrides every callback
   floor-unix   the cheapest pymilter milter that asks for its own macros: relaymilter's
                negotiation, no Python callback after it (benchmarks/floor_milter.py)
+  relay-metrics-unix
+               relay-unix with a metrics: section (HTTP endpoint and textfile), scraped
+               every second during its runs; not in --smoke runs unless --metrics-listener
   before-unix, before-inet
                with --compare DIR: the relaymilter of another checkout (for
                before/after figures taken in the same run)
@@ -35,6 +38,7 @@ Usage:
   benchmarks/throughput.py                       # 5 rounds x 2000 messages (a few minutes)
   benchmarks/throughput.py --rounds 7 --messages 4000 --json out.json
   benchmarks/throughput.py --smoke               # 1 round, a few messages (test suite)
+  benchmarks/throughput.py --workloads W1 --rounds 3 --messages 1000   # metrics on and off
 """
 
 from __future__ import annotations
@@ -48,7 +52,9 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
@@ -65,6 +71,9 @@ SMTP_SOURCE = "/usr/sbin/smtp-source"
 SMTP_SINK = "/usr/sbin/smtp-sink"
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 LISTENERS = ("baseline", "relay-unix", "relay-inet", "naive-unix", "floor-unix")
+METRICS_LISTENER = "relay-metrics-unix"
+#: Seconds between two scrapes of relay-metrics-unix while it is driven.
+SCRAPE_INTERVAL = 1.0
 OWNED_SENDER = "app@contoso.com"
 FOREIGN_SENDER = "john@fabrikam.example"
 EXTERNAL_RECIPIENT = "kate@tailspintoys.example"
@@ -145,6 +154,7 @@ class Bench:
     base: Path
     compare: Optional[Path] = None
     sessions: int = 20
+    metrics: bool = False
     ports: Dict[str, int] = field(default_factory=dict)
     sink: Optional[subprocess.Popen[bytes]] = None
     milters: Dict[str, Milter] = field(default_factory=dict)
@@ -153,10 +163,11 @@ class Bench:
 
     @property
     def listeners(self) -> Tuple[str, ...]:
-        return LISTENERS + (("before-unix", "before-inet") if self.compare else ())
+        extra = (METRICS_LISTENER,) if self.metrics else ()
+        return LISTENERS + extra + (("before-unix", "before-inet") if self.compare else ())
 
     def start(self) -> None:
-        for name in (*self.listeners, "sink", "milter", "before-milter"):
+        for name in (*self.listeners, "sink", "milter", "before-milter", "metrics-http"):
             self.ports[name] = free_port()
         for sub in ("etc", "queue", "data", "sockets"):
             (self.base / sub).mkdir(parents=True, exist_ok=True)
@@ -187,6 +198,7 @@ class Bench:
         floor = [sys.executable, str(REPO / "benchmarks" / "floor_milter.py")]
         specs = {
             "relay-unix": (relay, f"unix:{sockets}/relay.sock"),
+            **self._metrics_spec(config, sockets),
             "relay-inet": (relay, f"inet:{self.ports['milter']}@127.0.0.1"),
             "naive-unix": (naive, f"unix:{sockets}/naive.sock"),
             "floor-unix": (floor, f"unix:{sockets}/floor.sock"),
@@ -207,6 +219,35 @@ class Bench:
             self.milters[name] = Milter(name, spec, process)
         for milter in self.milters.values():
             wait_for(lambda m=milter: _milter_ready(m), 20, f"{milter.name} to listen")  # type: ignore[misc]
+
+    def _metrics_spec(self, config: Path, sockets: Path) -> Dict[str, Tuple[List[str], str]]:
+        """relay-unix's milter with a metrics: section (endpoint and textfile), if asked."""
+        if not self.metrics:
+            return {}
+        (self.base / "textfile").mkdir(exist_ok=True)
+        metrics_config = self.base / "relaymilter-metrics.yml"
+        metrics_config.write_text(
+            RELAYMILTER_CONFIG
+            + f"metrics:\n  listen: 127.0.0.1:{self.ports['metrics-http']}\n"
+            + f"  textfile: {self.base / 'textfile' / 'relaymilter.prom'}\n"
+        )
+        command = [sys.executable, "-m", "relaymilter", "run", "-c", str(metrics_config)]
+        return {METRICS_LISTENER: ([*command, "--socket"], f"unix:{sockets}/metrics.sock")}
+
+    def scrape(self) -> str:
+        url = f"http://127.0.0.1:{self.ports['metrics-http']}/metrics"
+        with urllib.request.urlopen(url, timeout=10) as response:
+            return str(response.read().decode())
+
+    def counted_decisions(self) -> int:
+        """relaymilter_decisions_total of relay-metrics-unix, summed over its labels."""
+        return round(
+            sum(
+                float(line.rsplit(" ", 1)[1])
+                for line in self.scrape().splitlines()
+                if line.startswith("relaymilter_decisions_total{")
+            )
+        )
 
     def _start_postfix(self) -> None:
         values = {
@@ -260,12 +301,22 @@ class Bench:
     def run(self, workload: str, listener: str, number: int, messages: int) -> Run:
         milter = self.milters.get(listener)
         before = milter.cpu_seconds() if milter else (0.0, 0.0)
+        scraping = threading.Event()
+        scraper = None
+        if listener == METRICS_LISTENER:
+            scraper = threading.Thread(target=self._scrape_until, args=(scraping,), daemon=True)
+            scraper.start()
         start = time.perf_counter()
-        if workload == "W3":
-            asyncio.run(smtp_load(self.ports[listener], self.sessions, messages))
-        else:
-            self.smtp_source(workload, listener, messages)
-        seconds = time.perf_counter() - start
+        try:
+            if workload == "W3":
+                asyncio.run(smtp_load(self.ports[listener], self.sessions, messages))
+            else:
+                self.smtp_source(workload, listener, messages)
+        finally:
+            seconds = time.perf_counter() - start
+            scraping.set()
+            if scraper is not None:
+                scraper.join()
         run = Run(workload, listener, number, messages, seconds, None)
         if milter:
             after = milter.cpu_seconds()
@@ -273,6 +324,11 @@ class Bench:
             run.milter_cpu = run.milter_user + run.milter_sys
         self.drain()
         return run
+
+    def _scrape_until(self, done: threading.Event) -> None:
+        """Scrape the endpoint every SCRAPE_INTERVAL (a busy Prometheus) until ``done``."""
+        while not done.wait(SCRAPE_INTERVAL):
+            self.scrape()
 
     def smtp_source(self, workload: str, listener: str, messages: int) -> None:
         command = [
@@ -434,7 +490,7 @@ def _spread(values: List[float], digits: int) -> Dict[str, float]:
 def report(summary: Dict[str, Any]) -> str:
     lines = []
     for workload, rows in summary.items():
-        if workload == "peak_rss_mib":
+        if workload in ("peak_rss_mib", "metrics_decisions"):
             continue
         lines.append(
             f"{workload}: messages/s (min/median/max), ratio to baseline (min/median/max), "
@@ -445,12 +501,17 @@ def report(summary: Dict[str, Any]) -> str:
             user = row["milter_user_s_per_1000"]
             cpu_text = f"{cpu['median']:.3f} {user['median']:.3f}" if cpu and user else "-"
             lines.append(
-                f"  {listener:<11} {rate['min']:>7.0f} {rate['median']:>7.0f} "
+                f"  {listener:<18} {rate['min']:>7.0f} {rate['median']:>7.0f} "
                 f"{rate['max']:>7.0f}   "
                 f"{ratio['min']:.3f} {ratio['median']:.3f} {ratio['max']:.3f}   {cpu_text}"
             )
     rss = ", ".join(f"{name} {value} MiB" for name, value in summary["peak_rss_mib"].items())
     lines.append(f"peak RSS: {rss}")
+    if "metrics_decisions" in summary:
+        counts = summary["metrics_decisions"]
+        lines.append(
+            f"{METRICS_LISTENER}: {counts['counted']} decisions counted, {counts['judged']} judged"
+        )
     return "\n".join(lines)
 
 
@@ -472,6 +533,12 @@ def main() -> int:
         "--sessions", type=int, default=20, help="concurrent SMTP sessions (default 20)"
     )
     parser.add_argument(
+        "--metrics-listener",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help=f"run {METRICS_LISTENER} too (default: yes, except with --smoke)",
+    )
+    parser.add_argument(
         "--compare",
         metavar="DIR",
         type=Path,
@@ -483,7 +550,8 @@ def main() -> int:
     rounds, messages = (1, 20) if args.smoke else (args.rounds, args.messages)
     base = Path(tempfile.mkdtemp(prefix="relaymilter-bench-"))
     compare = args.compare.resolve() if args.compare else None
-    bench = Bench(base, compare=compare, sessions=args.sessions)
+    metrics = not args.smoke if args.metrics_listener is None else args.metrics_listener
+    bench = Bench(base, compare=compare, sessions=args.sessions, metrics=metrics)
     runs: List[Run] = []
     try:
         bench.start()
@@ -495,6 +563,17 @@ def main() -> int:
                 for listener in order:
                     runs.append(bench.run(workload, listener, number, messages))
         summary = summarize(runs, bench.milters, bench.listeners)
+        if metrics:
+            # The counters must equal the recipients the listener judged.
+            judged = sum(
+                r.messages * (len(W3_RECIPIENTS) if r.workload == "W3" else 1)
+                for r in runs
+                if r.listener == METRICS_LISTENER
+            )
+            counted = bench.counted_decisions()
+            summary["metrics_decisions"] = {"judged": judged, "counted": counted}
+            if counted != judged:
+                print(f"warning: {METRICS_LISTENER} counted {counted} of {judged}", file=sys.stderr)
     finally:
         bench.stop()
         if not args.keep:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import hashlib
+import importlib.util
 import ipaddress
 import os
 import re
@@ -41,6 +42,7 @@ from .model import (
     AcceptedDomain,
     Config,
     Connector,
+    MetricsSettings,
     Organization,
     Reply,
     build_indexes,
@@ -229,7 +231,7 @@ class _Reader:
         if root is None:
             self.error(None, "", "the config file is empty")
             return None
-        allowed = ("socket", "mode", "on_error", "reject", "organizations")
+        allowed = ("socket", "mode", "on_error", "reject", "organizations", "metrics")
         fields = self.fields(root, "", allowed, required=("organizations",))
         if fields is None:
             return None
@@ -242,6 +244,7 @@ class _Reader:
             choices = (ON_ERROR_TEMPFAIL, ON_ERROR_ACCEPT)
             on_error = self.choice(fields["on_error"][1], "on_error", choices) or on_error
         reject = self.read_reject(fields.get("reject"))
+        metrics = self.read_metrics(fields.get("metrics"), socket)
         organizations: Tuple[Organization, ...] = ()
         if "organizations" in fields:
             organizations = self.read_organizations(fields["organizations"][1])
@@ -266,6 +269,7 @@ class _Reader:
             certificate_connectors=names,
             certificate_files=files,
             identity=self.identity,
+            metrics=metrics,
         )
 
     def scoped_mode(self, fields: Dict[str, _Field], path: str) -> Optional[str]:
@@ -294,6 +298,123 @@ class _Reader:
                 "unless the MTA is on another host, and then firewall the port",
             )
         return value
+
+    # -- metrics -----------------------------------------------------------
+
+    def read_metrics(self, field: Optional[_Field], socket: str) -> Optional[MetricsSettings]:
+        """The optional ``metrics:`` section: an HTTP endpoint and/or a textfile."""
+        if field is None:
+            return None
+        fields = self.fields(field[1], "metrics", ("listen", "textfile"))
+        if fields is None:
+            return None
+        if not fields:
+            self.error(field[1], "metrics", "set listen, textfile or both (or leave metrics out)")
+            return None
+        listen = None
+        if "listen" in fields:
+            listen = self.read_metrics_listen(fields["listen"][1], socket)
+        textfile = None
+        if "textfile" in fields:
+            textfile = self.read_metrics_textfile(fields["textfile"][1])
+        if not _have_prometheus_client():
+            self.error(
+                field[0],
+                "metrics",
+                "needs the Python library prometheus_client, which is not installed: "
+                "install python3-prometheus-client (Debian, Ubuntu) or "
+                "python3-prometheus_client (EPEL), or remove the metrics section",
+            )
+        return MetricsSettings(listen, textfile)
+
+    def read_metrics_listen(self, node: Node, socket: str) -> Optional[Tuple[str, int]]:
+        path = "metrics.listen"
+        if isinstance(node, SequenceNode):
+            self.error(node, path, "must be PORT or ADDRESS:PORT (quote an IPv6 one: '[::1]:9099')")
+            return None
+        value = self.scalar(node, path, (int, str), "PORT or ADDRESS:PORT")
+        if value is None:
+            return None
+        text = str(value).strip()
+        host, port_text = "127.0.0.1", text
+        if text.startswith("["):
+            inside, bracket, after = text[1:].partition("]")
+            if not bracket or not after.startswith(":"):
+                self.error(node, path, f"{text!r}: write an IPv6 address as [ADDRESS]:PORT")
+                return None
+            host, port_text = inside, after[1:]
+        elif ":" in text:
+            host, _, port_text = text.rpartition(":")
+            if ":" in host:
+                self.error(node, path, f"{text!r}: write an IPv6 address as [ADDRESS]:PORT")
+                return None
+        if host == "localhost":
+            host = "127.0.0.1"
+        try:
+            address = ipaddress.ip_address(host)
+        except ValueError:
+            self.error(
+                node, path, f"{host!r} is not an IP address (write 127.0.0.1:PORT or [::1]:PORT)"
+            )
+            return None
+        if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+            self.error(node, path, f"{port_text!r} is not a port number (1-65535)")
+            return None
+        port = int(port_text)
+        if not address.is_loopback:
+            self.warn(
+                node,
+                path,
+                f"{text!r} is not a loopback address: anyone who reaches port {port} can read "
+                "the metrics (organization and connector names, counts); keep it on "
+                "127.0.0.1 or firewall the port",
+            )
+        self.check_metrics_port(node, path, str(address), port, socket)
+        return str(address), port
+
+    def check_metrics_port(self, node: Node, path: str, host: str, port: int, socket: str) -> None:
+        """The endpoint cannot share the milter's own inet socket."""
+        try:
+            spec = parse_socket_spec(socket)
+        except SocketSpecError:
+            return
+        if spec.is_unix or spec.port != port:
+            return
+        wildcards = (None, "0.0.0.0", "::", "::0")
+        if spec.host in wildcards or host in ("0.0.0.0", "::") or spec.host == host:
+            self.error(node, path, f"port {port} is the milter socket's ({socket})")
+
+    def read_metrics_textfile(self, node: Node) -> Optional[str]:
+        path = "metrics.textfile"
+        name = self.string(node, path)
+        if name is None:
+            return None
+        target = os.path.join(self._base_dir, name)
+        directory = os.path.dirname(target)
+        if not os.path.isdir(directory):
+            self.error(
+                node,
+                path,
+                f"the directory {directory} does not exist (node_exporter's textfile "
+                "collector reads its --collector.textfile.directory)",
+            )
+            return None
+        if os.path.lexists(target) and not os.path.isfile(target):
+            self.error(node, path, f"{target} exists and is not a regular file")
+            return None
+        if not target.endswith(".prom"):
+            self.warn(
+                node, path, f"{target}: node_exporter's textfile collector reads only *.prom files"
+            )
+        if not os.access(directory, os.W_OK):
+            self.warn(
+                node,
+                path,
+                f"{directory} is not writable by this user (uid {os.getuid()}); the service "
+                "user needs write access, and the unit a ReadWritePaths= drop-in "
+                "(see relaymilter(8), METRICS)",
+            )
+        return target
 
     def read_reject(self, field: Optional[_Field]) -> Reply:
         default = Reply(DEFAULT_REJECT_CODE, DEFAULT_REJECT_STATUS, DEFAULT_REJECT_TEXT)
@@ -839,6 +960,14 @@ class _Reader:
                         "else the first in file order",
                     )
             open_spans.append(span)
+
+
+def _have_prometheus_client() -> bool:
+    """Whether the metrics library is installed (looked up, not imported)."""
+    try:
+        return importlib.util.find_spec("prometheus_client") is not None
+    except (ImportError, ValueError):  # ValueError: blocked in sys.modules
+        return False
 
 
 def listens_on_all_interfaces(spec: SocketSpec) -> bool:

@@ -32,7 +32,7 @@ import signal
 import socket
 import threading
 import time
-from typing import Callable, Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
 import Milter
 import milter
@@ -43,6 +43,9 @@ from .milter import RelayMilter
 from .model import Config
 from .notify import ServiceNotifier, milter_address
 from .socketspec import SocketSpec, SocketSpecError, parse_socket_spec
+
+if TYPE_CHECKING:  # imported only with a metrics: section (prometheus_client)
+    from .metrics import MetricsService
 
 logger = logging.getLogger("relaymilter")
 
@@ -67,6 +70,7 @@ class Daemon:
         self.serving = threading.Event()
         self._socket_file: Optional[SocketFile] = None
         self._reloads = ReloadWorker(self.reload)
+        self.metrics: Optional[MetricsService] = None
 
     def status(self) -> str:
         config = RelayMilter.current_config
@@ -86,15 +90,37 @@ class Daemon:
         RelayMilter.stream_socket = not spec.is_unix
         signal.pthread_sigmask(signal.SIG_BLOCK, _BLOCKED_SIGNALS)
         try:
+            # The endpoint first: once the milter socket accepts, the metrics are served.
+            self._start_metrics(config)
             self._open_socket(spec)
         except StartError as exc:
             logger.error("cannot start: %s", exc)
+            if self.metrics is not None:
+                self.metrics.stop()
             return EXIT_FAILURE
         try:
             return self._serve(config)
         finally:
+            if self.metrics is not None:
+                self.metrics.stop()
             if self._socket_file is not None:
                 self._socket_file.remove()
+
+    def _start_metrics(self, config: Config) -> None:
+        """The metrics endpoint and textfile, if the config asks for them (after the mask)."""
+        if config.metrics is None:
+            return
+        from .metrics import TRIGGER_START, MetricsService, MetricsStartError
+
+        service = MetricsService(config.metrics)
+        service.metrics.config_loaded(config, TRIGGER_START, time.time())
+        try:
+            service.start()
+        except MetricsStartError as exc:
+            raise StartError(str(exc)) from None
+        self.metrics = service
+        RelayMilter.metrics = service.metrics
+        logger.info("metrics: serving %s", service.describe())
 
     def _serve(self, config: Config) -> int:
         self.notifier = ServiceNotifier(self.socket, self.status)
@@ -193,9 +219,11 @@ class Daemon:
                 self.config_path,
                 exc,
             )
+            self._count_reload(None)
             return False
         except Exception:
             logger.error("reload: failed, keeping the previous configuration", exc_info=True)
+            self._count_reload(None)
             return False
         for warning in config.warnings:
             logger.warning("config: %s", warning)
@@ -207,7 +235,23 @@ class Daemon:
         logger.info(
             "reload: loaded %s: %s (config %s)", self.config_path, config.summary(), config.identity
         )
+        self._count_reload(config)
         return True
+
+    def _count_reload(self, config: Optional[Config]) -> None:
+        """The reload's result in the metrics; a metrics: section added needs a restart."""
+        if self.metrics is None:
+            if config is not None and config.metrics is not None:
+                logger.warning("reload: metrics added; they take effect on restart")
+            return
+        from .metrics import TRIGGER_RELOAD
+
+        if config is None:
+            self.metrics.metrics.config_failed(TRIGGER_RELOAD)
+        else:
+            self.metrics.metrics.config_loaded(config, TRIGGER_RELOAD, time.time())
+            self.metrics.reconfigure(config)
+        self.metrics.write_soon()
 
 
 class ReloadWorker:

@@ -11,7 +11,8 @@ from __future__ import annotations
 import itertools
 import logging
 import threading
-from typing import Any, Dict, List, Optional
+from time import perf_counter
+from typing import TYPE_CHECKING, Any, Dict, List, Optional
 
 import Milter
 
@@ -23,6 +24,9 @@ from .networks import IPAddress, parse_client_address
 from .policy import REFUSING_ACTIONS, Decision, Transaction
 from .record import DecisionRecord
 from .tlsidentity import certificate_from_mapping, certificate_macros
+
+if TYPE_CHECKING:  # imported only with a metrics: section (prometheus_client)
+    from .metrics import Metrics
 
 logger = logging.getLogger("relaymilter")
 
@@ -95,6 +99,8 @@ class RelayMilter(Milter.Base):  # type: ignore[misc]
     #: Whether the milter listens on TCP (inet/inet6) rather than a unix socket.
     stream_socket = False
     counter = DecisionCounter()
+    #: Prometheus metrics (relaymilter.metrics), when the config has ``metrics:``.
+    metrics: Optional[Metrics] = None
 
     def __init__(self) -> None:
         # Captured once: a reload never changes a connection halfway through.
@@ -107,6 +113,8 @@ class RelayMilter(Milter.Base):  # type: ignore[misc]
         #: The certificate macros of the current transaction, as the MTA sent them.
         self.certificate_macros: Dict[str, str] = {}
         self.failed_in: Optional[str] = None
+        if RelayMilter.metrics is not None:
+            RelayMilter.metrics.connection_opened()
 
     # -- negotiation -------------------------------------------------------
 
@@ -130,6 +138,8 @@ class RelayMilter(Milter.Base):  # type: ignore[misc]
             return CONTINUE
         except Exception:
             logger.error("conn=%d negotiate failed", self.connection_id, exc_info=True)
+            if RelayMilter.metrics is not None:
+                RelayMilter.metrics.internal_error("negotiate")
             return Milter.ALL_OPTS
 
     # -- callbacks ---------------------------------------------------------
@@ -155,6 +165,15 @@ class RelayMilter(Milter.Base):  # type: ignore[misc]
         return CONTINUE
 
     def envrcpt(self, to: str, *params: str) -> int:
+        metrics = RelayMilter.metrics
+        if metrics is None:
+            return self._envrcpt(to)
+        started = perf_counter()
+        answer = self._envrcpt(to, metrics)
+        metrics.rcpt_seconds(perf_counter() - started)
+        return answer
+
+    def _envrcpt(self, to: str, metrics: Optional[Metrics] = None) -> int:
         try:
             if self.failed_in is not None:
                 raise RuntimeError(f"earlier failure in {self.failed_in}")
@@ -169,11 +188,18 @@ class RelayMilter(Milter.Base):  # type: ignore[misc]
             decision = self.transaction.decide(to, self.getsymval("{rcpt_addr}"))
             self._log_decision(decision, to)
             RelayMilter.counter.count(decision)
+            if metrics is not None:
+                metrics.decision(self.transaction.attribution, decision)
             if decision.action in REFUSING_ACTIONS and decision.reply is not None:
                 return self._refuse(decision.reply)
             return CONTINUE
         except Exception:
             return self._internal_error("envrcpt", to)
+
+    def close(self) -> int:
+        if RelayMilter.metrics is not None:
+            RelayMilter.metrics.connection_closed()
+        return CONTINUE
 
     # -- helpers -----------------------------------------------------------
 
@@ -203,6 +229,8 @@ class RelayMilter(Milter.Base):  # type: ignore[misc]
             exc_info=True,
         )
         self.failed_in = where
+        if RelayMilter.metrics is not None:
+            RelayMilter.metrics.internal_error(where)
 
     def _internal_error(self, where: str, recipient: str) -> int:
         logger.error(
@@ -219,8 +247,13 @@ class RelayMilter(Milter.Base):  # type: ignore[misc]
             ),
         )
         RelayMilter.counter.count(None)
+        metrics = RelayMilter.metrics
+        if metrics is not None:
+            metrics.internal_error(where)
         if self.config.on_error != ON_ERROR_TEMPFAIL:
             return CONTINUE
+        if metrics is not None:
+            metrics.tempfail()
         try:
             self.setreply(TEMPFAIL_REPLY.code, TEMPFAIL_REPLY.status, TEMPFAIL_REPLY.text)
         except Exception:

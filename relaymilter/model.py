@@ -194,6 +194,16 @@ class CertificateFileIndex:
 
 
 @dataclass(frozen=True)
+class MetricsSettings:
+    """The ``metrics:`` section: where the Prometheus metrics are served and written."""
+
+    #: The HTTP endpoint's (host, port); None: no endpoint.
+    listen: Optional[Tuple[str, int]] = None
+    #: The file rewritten for node_exporter's textfile collector; None: no file.
+    textfile: Optional[str] = None
+
+
+@dataclass(frozen=True)
 class Config:
     """A complete, validated configuration."""
 
@@ -206,6 +216,8 @@ class Config:
     warnings: Tuple[str, ...] = ()
     #: A short hash of the file's text: which config made a decision (in every record).
     identity: str = "-"
+    #: The ``metrics:`` section; None without it (nothing listens, nothing is written).
+    metrics: Optional[MetricsSettings] = None
     ip_connectors: NetworkTable[Attribution] = field(
         default_factory=NetworkTable, repr=False, compare=False
     )

@@ -1,0 +1,442 @@
+"""Prometheus metrics: counters the milter bumps, an HTTP endpoint, a textfile for node_exporter.
+
+Only loaded when the config has a ``metrics:`` section, so a relay without it
+does not need ``prometheus_client`` (Debian's python3-prometheus-client).
+
+The milter's hot path (``Metrics.decision``, ``Metrics.rcpt_seconds``) costs
+one dict look-up of a prebuilt child and an increment under that child's own
+lock. Exposition never holds a lock the milter needs while it talks to a
+client: the text is rendered into memory (each child's lock held only to read
+its value), then written out. The HTTP server runs in threads of its own, one
+per client, each with a timeout, and serves at most ``MAX_CLIENTS`` at a time
+(more wait their turn); a client that connects and sends nothing ties up only
+its own thread, until its timeout.
+
+No label carries a sender, a recipient or a client address (unbounded
+cardinality: those stay in the log). Organization and connector names come
+from the config, so their number is bounded by it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import http.server
+import logging
+import os
+import socket
+import socketserver
+import tempfile
+import threading
+from typing import Any, Callable, Dict, Optional, Tuple
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+from prometheus_client.exposition import choose_encoder, generate_latest
+from prometheus_client.process_collector import ProcessCollector
+
+from . import __version__
+from .model import Attribution, Config, MetricsSettings
+from .policy import Decision
+
+logger = logging.getLogger("relaymilter")
+
+#: Seconds between two rewrites of the textfile.
+TEXTFILE_INTERVAL = 5.0
+#: Seconds an HTTP client may take to send its request or read the answer.
+CLIENT_TIMEOUT = 10.0
+#: HTTP clients served at once; more wait for a free slot (as long as a client may take).
+MAX_CLIENTS = 16
+#: Scrapes rendered at once (each takes the GIL for a moment).
+MAX_RENDERS = 2
+#: The RCPT decision takes microseconds; the milter protocol around it, more.
+LATENCY_BUCKETS = (
+    0.000025,
+    0.00005,
+    0.0001,
+    0.00025,
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    1.0,
+)
+
+TRIGGER_START = "start"
+TRIGGER_RELOAD = "reload"
+RESULT_SUCCESS = "success"
+RESULT_FAILURE = "failure"
+
+_DecisionKey = Tuple[str, str, str, str, str]
+
+
+class MetricsStartError(Exception):
+    """The endpoint cannot listen (the address is in use, not local, ...)."""
+
+
+class Metrics:
+    """The registry and the hooks the milter and the daemon call."""
+
+    def __init__(self) -> None:
+        registry = self.registry = CollectorRegistry(auto_describe=True)
+        ProcessCollector(registry=registry)
+        self.decisions = Counter(
+            "relaymilter_decisions",
+            "Recipient decisions, by organization and connector (empty when unattributed), "
+            "action, reason and mode in force.",
+            ("organization", "connector", "action", "reason", "mode"),
+            registry=registry,
+        )
+        self.internal_errors = Counter(
+            "relaymilter_internal_errors",
+            "Internal errors of relaymilter, by the milter stage they happened in.",
+            ("stage",),
+            registry=registry,
+        )
+        self.tempfail_answers = Counter(
+            "relaymilter_tempfail_answers",
+            "Recipients answered 451 4.3.0 after an internal error (on_error: tempfail).",
+            registry=registry,
+        )
+        self.rcpt_latency = Histogram(
+            "relaymilter_rcpt_decision_duration_seconds",
+            "Time in the RCPT TO callback, from its entry to its return.",
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.connections = Counter(
+            "relaymilter_connections",
+            "Milter connections opened by the MTA (one per SMTP connection).",
+            registry=registry,
+        )
+        self.connections_in_progress = Gauge(
+            "relaymilter_connections_in_progress",
+            "Milter connections open now.",
+            registry=registry,
+        )
+        self.config_loads = Counter(
+            "relaymilter_config_loads",
+            "Configuration loads, at start and on reload, by result.",
+            ("trigger", "result"),
+            registry=registry,
+        )
+        self.config_last_success = Gauge(
+            "relaymilter_config_last_success_timestamp_seconds",
+            "When the configuration in use was loaded (Unix time).",
+            registry=registry,
+        )
+        self.config_last_reload_successful = Gauge(
+            "relaymilter_config_last_reload_successful",
+            "1 if the last load (start or reload) succeeded, 0 if the last reload was refused.",
+            registry=registry,
+        )
+        self.config_info = Info(
+            "relaymilter_config",
+            "The configuration in use: its identity (the short hash in every decision line), "
+            "its organization and connector counts, and relaymilter's version.",
+            registry=registry,
+        )
+        self.config_organizations = Gauge(
+            "relaymilter_config_organizations",
+            "Organizations in the configuration in use.",
+            registry=registry,
+        )
+        self.config_connectors = Gauge(
+            "relaymilter_config_connectors",
+            "Connectors in the configuration in use.",
+            registry=registry,
+        )
+        self._decision_children: Dict[_DecisionKey, Any] = {}
+        self._errors: Dict[str, Any] = {}
+        # Bound methods of the unlabelled children: one attribute look-up less per call.
+        self.rcpt_seconds: Callable[[float], None] = self.rcpt_latency.observe
+        self.tempfail: Callable[[], None] = self.tempfail_answers.inc
+
+    # -- the milter's hooks (hot path) ---------------------------------------
+
+    def decision(self, attribution: Optional[Attribution], decision: Decision) -> None:
+        if attribution is None:
+            key: _DecisionKey = ("", "", decision.action, decision.reason, decision.mode)
+        else:
+            key = (
+                attribution.organization.name,
+                attribution.connector.name,
+                decision.action,
+                decision.reason,
+                decision.mode,
+            )
+        child = self._decision_children.get(key)
+        if child is None:
+            # labels() is thread-safe and returns the one child for the key.
+            child = self._decision_children[key] = self.decisions.labels(*key)
+        child.inc()
+
+    def internal_error(self, stage: str) -> None:
+        child = self._errors.get(stage)
+        if child is None:
+            child = self._errors[stage] = self.internal_errors.labels(stage)
+        child.inc()
+
+    def connection_opened(self) -> None:
+        self.connections.inc()
+        self.connections_in_progress.inc()
+
+    def connection_closed(self) -> None:
+        self.connections_in_progress.dec()
+
+    # -- the daemon's hooks --------------------------------------------------
+
+    def config_loaded(self, config: Config, trigger: str, now: float) -> None:
+        self.config_loads.labels(trigger, RESULT_SUCCESS).inc()
+        self.config_last_success.set(now)
+        self.config_last_reload_successful.set(1)
+        organizations = len(config.organizations)
+        connectors = sum(len(o.connectors) for o in config.organizations)
+        self.config_info.info(
+            {
+                "identity": config.identity,
+                "organizations": str(organizations),
+                "connectors": str(connectors),
+                "version": __version__,
+            }
+        )
+        self.config_organizations.set(organizations)
+        self.config_connectors.set(connectors)
+
+    def config_failed(self, trigger: str) -> None:
+        self.config_loads.labels(trigger, RESULT_FAILURE).inc()
+        self.config_last_reload_successful.set(0)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+# -- the HTTP endpoint ----------------------------------------------------------
+
+
+class _Handler(http.server.BaseHTTPRequestHandler):
+    server: MetricsServer
+    timeout = CLIENT_TIMEOUT
+    server_version = "relaymilter"
+    sys_version = ""
+
+    def do_GET(self) -> None:
+        path = self.path.split("?", 1)[0]
+        if path == "/metrics":
+            encoder, content_type = choose_encoder(self.headers.get("Accept", ""))
+            with self.server.renders:
+                body = encoder(self.server.registry)
+        elif path == "/":
+            content_type = "text/plain; charset=utf-8"
+            body = b"relaymilter: the metrics are at /metrics\n"
+        else:
+            self.send_error(404)
+            return
+        self.send_response(200)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        logger.debug("metrics: %s %s", self.address_string(), format % args)
+
+
+class MetricsServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
+    """``/metrics`` over HTTP, a thread per client, at most ``MAX_CLIENTS`` at once."""
+
+    daemon_threads = True
+    allow_reuse_address = True
+    request_queue_size = 64
+
+    def __init__(self, address: Tuple[str, int], registry: CollectorRegistry) -> None:
+        self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
+        self.registry = registry
+        self.renders = threading.BoundedSemaphore(MAX_RENDERS)
+        self._clients = threading.BoundedSemaphore(MAX_CLIENTS)
+        super().__init__(address, _Handler)
+
+    def server_bind(self) -> None:
+        # HTTPServer.server_bind asks DNS for the host's name, which is not needed.
+        socketserver.TCPServer.server_bind(self)
+        self.server_name, self.server_port = str(self.server_address[0]), self.server_address[1]
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        # A burst waits here (and in the listen backlog) for a free slot; a
+        # slot frees within CLIENT_TIMEOUT, since every client has that timeout.
+        if not self._clients.acquire(timeout=CLIENT_TIMEOUT):
+            logger.debug("metrics: %d clients already; closing a new one", MAX_CLIENTS)
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._clients.release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._clients.release()
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        logger.debug("metrics: client %s failed", client_address, exc_info=True)
+
+
+# -- the textfile -----------------------------------------------------------------
+
+
+def write_textfile(path: str, body: bytes) -> None:
+    """Replace ``path`` atomically with ``body``, mode 0644 (node_exporter reads it).
+
+    The temporary file is in the same directory and does not end in .prom,
+    so the textfile collector never reads a half-written file.
+    """
+    directory, name = os.path.split(path)
+    descriptor, temporary = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=directory)
+    try:
+        with os.fdopen(descriptor, "wb") as stream:
+            os.fchmod(stream.fileno(), 0o644)  # not the service's UMask=0007
+            stream.write(body)
+        os.replace(temporary, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temporary)
+        raise
+
+
+class TextfileWriter:
+    """Rewrites the textfile every ``interval`` seconds, on request, and once more at stop."""
+
+    def __init__(self, metrics: Metrics, path: Optional[str], interval: float) -> None:
+        self.metrics = metrics
+        self.path = path
+        self.interval = interval
+        self._wake = threading.Event()
+        self._stopping = False
+        self._written: Optional[str] = None
+        self._failing: Optional[str] = None
+        self._thread = threading.Thread(target=self._loop, name="metrics-textfile", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def set_path(self, path: Optional[str]) -> None:
+        """A reload's textfile, written at once; the previous file is removed if it changed."""
+        self.path = path
+        self._wake.set()
+
+    def write_soon(self) -> None:
+        self._wake.set()
+
+    def stop(self) -> None:
+        self._stopping = True
+        self._wake.set()
+        self._thread.join(CLIENT_TIMEOUT)
+
+    def _loop(self) -> None:
+        while True:
+            self._write()
+            if self._stopping:
+                return
+            self._wake.wait(self.interval)
+            self._wake.clear()
+
+    def _write(self) -> None:
+        path = self.path
+        if self._written is not None and self._written != path:
+            with contextlib.suppress(OSError):
+                os.unlink(self._written)
+            logger.info("metrics: removed %s (no longer the textfile)", self._written)
+            self._written = None
+        if path is None:
+            return
+        try:
+            write_textfile(path, self.metrics.render())
+        except Exception as exc:
+            # Not the message: it names the random temporary file.
+            problem = f"{type(exc).__name__} {getattr(exc, 'errno', '')}"
+            if problem != self._failing:
+                reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+                logger.warning("metrics: cannot write %s: %s (retrying)", path, reason)
+            self._failing = problem
+            return
+        if self._failing is not None:
+            logger.info("metrics: %s written again", path)
+            self._failing = None
+        self._written = path
+
+
+# -- the whole ------------------------------------------------------------------
+
+
+class MetricsService:
+    """The metrics of one daemon: the registry, the endpoint and the textfile writer.
+
+    ``listen`` is bound at start and kept until the daemon stops (like the
+    milter socket, a change takes effect on restart); ``textfile`` follows
+    each reload.
+    """
+
+    def __init__(self, settings: MetricsSettings, interval: float = TEXTFILE_INTERVAL) -> None:
+        self.metrics = Metrics()
+        self.listen = settings.listen
+        self._server: Optional[MetricsServer] = None
+        self._server_thread: Optional[threading.Thread] = None
+        self._writer = TextfileWriter(self.metrics, settings.textfile, interval)
+
+    def start(self) -> None:
+        """Bind the endpoint (or raise MetricsStartError) and start the threads."""
+        if self.listen is not None:
+            try:
+                self._server = MetricsServer(self.listen, self.metrics.registry)
+            except OSError as exc:
+                reason = exc.strerror or str(exc)
+                raise MetricsStartError(
+                    f"metrics: cannot listen on {describe_address(self.listen)}: {reason}"
+                ) from None
+            self._server_thread = threading.Thread(
+                target=self._server.serve_forever,
+                kwargs={"poll_interval": 0.5},
+                name="metrics-http",
+                daemon=True,
+            )
+            self._server_thread.start()
+        self._writer.start()
+
+    def reconfigure(self, config: Config) -> None:
+        """After a reload: the new textfile, and a prompt rewrite with the new config's info."""
+        settings = config.metrics
+        listen = settings.listen if settings else None
+        if listen != self.listen:
+            logger.warning(
+                "reload: metrics.listen changed to %s; it takes effect on restart",
+                describe_address(listen) if listen else "nothing",
+            )
+        self._writer.set_path(settings.textfile if settings else None)
+
+    def write_soon(self) -> None:
+        self._writer.write_soon()
+
+    def describe(self) -> str:
+        parts = []
+        if self.listen is not None:
+            parts.append(f"http://{describe_address(self.listen)}/metrics")
+        if self._writer.path is not None:
+            parts.append(self._writer.path)
+        return " and ".join(parts) or "nothing (metrics.textfile removed)"
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+        self._writer.stop()
+
+
+def describe_address(address: Tuple[str, int]) -> str:
+    host, port = address
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
