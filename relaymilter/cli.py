@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import os
+import re
 import sys
 from typing import Any, Dict, List, Optional, Sequence
 
@@ -79,7 +80,53 @@ def build_parser() -> argparse.ArgumentParser:
     inspect = sub.add_parser("inspect-cert", help="show what relaymilter sees in certificate files")
     config_option(inspect)
     inspect.add_argument("certificates", nargs="+", metavar="CERT.pem")
+
+    report = sub.add_parser("report", help="what enforcing would break, from the decision log")
+    _log_source_options(report)
+    report.add_argument(
+        "-c",
+        "--config",
+        default=None,
+        metavar="FILE",
+        help="the config in force, to make remedies concrete (default: as run, if it exists)",
+    )
+    report.add_argument("--all", action="store_true", help="also list the flows that pass")
+    formats = report.add_mutually_exclusive_group()
+    for name in ("json", "csv", "html"):
+        formats.add_argument(f"--{name}", action="store_true", help=f"{name.upper()} output")
+
+    replay = sub.add_parser("replay", help="decide the logged recipients again under a config")
+    _log_source_options(replay)
+    replay.add_argument(
+        "-c", "--config", required=True, metavar="CANDIDATE.yml", help="the candidate config"
+    )
+    replay.add_argument("--json", action="store_true", help="machine-readable output")
     return parser
+
+
+def _log_source_options(p: argparse.ArgumentParser) -> None:
+    """report and replay: where the decision records come from, and which."""
+    # "--since -7d", as journalctl takes it: argparse reads an argument that starts
+    # with "-" as an option unless it looks like a negative number, "-7d" included.
+    p._negative_number_matcher = re.compile(r"^-\d")
+    p.add_argument(
+        "--journal",
+        action="store_true",
+        help="read the system journal (the default when no other source is given)",
+    )
+    p.add_argument("--journal-dir", action="append", metavar="DIR", help="a journal directory")
+    p.add_argument("--journal-file", action="append", metavar="FILE", help="a journal file")
+    p.add_argument("--log", action="append", metavar="FILE", help="a log file (plain, syslog, .gz)")
+    p.add_argument("--since", metavar="TIME", help="journalctl's formats: '2026-11-23', '-7d'")
+    p.add_argument("--until", metavar="TIME", help="journalctl's formats")
+    p.add_argument(
+        "--cursor-file",
+        metavar="FILE",
+        help="start after the position saved here, and save the new one (incremental runs)",
+    )
+    p.add_argument(
+        "--top", type=int, default=20, metavar="N", help="list N groups, then 'other' (0: all)"
+    )
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -94,6 +141,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return check_config(path)
     if args.command == "explain":
         return explain(path, args)
+    if args.command == "report":
+        from .report import main as report_main
+
+        return report_main(args, path if args.config or os.path.exists(path) else None)
+    if args.command == "replay":
+        from .replay import main as replay_main
+
+        return replay_main(args, path)
     return inspect_certificates(
         path if args.config or os.path.exists(path) else None, args.certificates
     )

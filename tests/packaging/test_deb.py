@@ -50,6 +50,15 @@ INSTALLED_PATHS = [
 EXAMPLES = {
     "etc/postfix/main.cf.relaymilter": "/usr/share/doc/relaymilter/examples/main.cf.relaymilter",
     "etc/sendmail/relaymilter.mc": "/usr/share/doc/relaymilter/examples/relaymilter.mc",
+    **{
+        source: "/usr/share/doc/relaymilter/examples/" + source.rsplit("/", 1)[1]
+        for source in (
+            "etc/prometheus/relaymilter.rules.yml",
+            "etc/grafana/relaymilter.json",
+            "etc/systemd/relaymilter-report.service",
+            "etc/systemd/relaymilter-report.timer",
+        )
+    },
 }
 REJECT = "550 5.7.64 "
 

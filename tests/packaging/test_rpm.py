@@ -89,6 +89,10 @@ def test_files_modes_and_config(rpm: Build, db: Path) -> None:
         "/usr/share/doc/relaymilter/sendmail.md",
         "/usr/share/doc/relaymilter/examples/main.cf.relaymilter",
         "/usr/share/doc/relaymilter/examples/relaymilter.mc",
+        "/usr/share/doc/relaymilter/examples/relaymilter.rules.yml",
+        "/usr/share/doc/relaymilter/examples/relaymilter.json",
+        "/usr/share/doc/relaymilter/examples/relaymilter-report.service",
+        "/usr/share/doc/relaymilter/examples/relaymilter-report.timer",
     ]:
         assert path in files, path
     assert [p for p in files if p.startswith("/usr/share/licenses/")], "no %license"

@@ -1,0 +1,751 @@
+"""``relaymilter report``: what enforcing would break, and what it did, from the decision log.
+
+Pure Python, no pymilter. Records stream in from ``logsource``; only the groups
+are kept (organization x connector x client address x sender domain x reason x
+action), each with bounded state: counts, distinct recipients and recipient
+domains (exact up to ``Distinct.EXACT``, then a K-minimum-values estimate),
+first and last seen, and a few sample queue ids. So memory grows with the
+number of groups, not of records.
+
+Each refused group gets a concrete remedy; the formats are aligned text,
+``--json`` (a stable contract, see relaymilter(8)), ``--csv`` (the same
+columns) and ``--html`` (one self-contained page with an inline SVG chart).
+"""
+
+from __future__ import annotations
+
+import csv
+import heapq
+import html
+import io
+import json
+from typing import Any, Callable, Dict, Iterable, List, NamedTuple, Optional, Set, Tuple
+
+from .domains import parent_domains
+from .logfmt import escape
+from .logsource import Entry, Stats, iso
+from .model import Config
+from .policy import ACTION_CONTINUE, ACTION_REJECT, ACTION_SOFT_REJECT, ACTION_WOULD_REJECT
+from .record import DecisionRecord
+from .tlsidentity import certificate_from_mapping
+
+#: The actions a report lists by default: refused, or refused in enforce mode.
+REFUSALS = frozenset((ACTION_REJECT, ACTION_SOFT_REJECT, ACTION_WOULD_REJECT))
+NULL_SENDER = "<>"
+SAMPLES = 5
+#: The columns of --csv, and the keys of each group in --json, in order.
+COLUMNS = (
+    "organization",
+    "connector",
+    "client_address",
+    "sender_domain",
+    "reason",
+    "action",
+    "count",
+    "recipients",
+    "recipient_domains",
+    "first_seen",
+    "last_seen",
+    "samples",
+    "remedy",
+)
+#: A client sending for this many foreign sender domains is forwarding mail.
+FORWARDING_DOMAINS = 3
+
+
+class Distinct:
+    """A count of distinct values: exact up to EXACT values, then a K-minimum-values estimate.
+
+    The estimate keeps the K smallest hash values (in [0, 1)) and is
+    (K - 1) / the K-th smallest; its relative error is about 1/sqrt(K), 6 %.
+    Per group that is at most a few dozen kilobytes, however many records.
+    """
+
+    EXACT = 256
+    K = 256
+    __slots__ = ("_heap", "_kept", "_values")
+
+    def __init__(self) -> None:
+        #: 64-bit hashes of the values (not the values: less memory, same count).
+        self._values: Optional[Set[int]] = set()
+        self._heap: List[float] = []  # negated: a max-heap of the K smallest
+        self._kept: Set[float] = set()
+
+    def add(self, value: str) -> None:
+        digest = hash(value) & 0xFFFFFFFFFFFFFFFF
+        values = self._values
+        if values is not None:
+            values.add(digest)
+            if len(values) > self.EXACT:
+                self._values = None
+                for old in values:
+                    self._sketch(old)
+            return
+        self._sketch(digest)
+
+    def _sketch(self, digest: int) -> None:
+        point = digest / 18446744073709551616.0
+        if point in self._kept:
+            return
+        if len(self._heap) < self.K:
+            heapq.heappush(self._heap, -point)
+            self._kept.add(point)
+        elif point < -self._heap[0]:
+            dropped = -heapq.heapreplace(self._heap, -point)
+            self._kept.discard(dropped)
+            self._kept.add(point)
+
+    def __len__(self) -> int:
+        if self._values is not None:
+            return len(self._values)
+        return round((self.K - 1) / -self._heap[0])
+
+
+class GroupKey(NamedTuple):
+    organization: Optional[str]
+    connector: Optional[str]
+    client_address: Optional[str]
+    sender_domain: Optional[str]
+    reason: Optional[str]
+    action: Optional[str]
+
+
+class Group:
+    __slots__ = (
+        "certificate",
+        "count",
+        "first_seen",
+        "last_seen",
+        "recipient_domains",
+        "recipients",
+        "samples",
+        "senders",
+    )
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.recipients = Distinct()
+        self.recipient_domains = Distinct()
+        self.first_seen: Optional[float] = None
+        self.last_seen: Optional[float] = None
+        self.samples: List[str] = []
+        #: Up to 3 distinct sender addresses (is it one application?).
+        self.senders: List[str] = []
+        #: The certificate the client presented, as (CN, trusted, verify), if any.
+        self.certificate: Optional[Tuple[str, bool, Optional[str]]] = None
+
+
+def sender_domain(sender: Optional[str]) -> str:
+    if not sender:
+        return NULL_SENDER
+    _local, at, domain = sender.rpartition("@")
+    return domain.lower().rstrip(".") if at and domain else sender.lower()
+
+
+def recipient_domain(record: DecisionRecord) -> str:
+    if record.route:
+        return record.route.rsplit(",", 1)[-1]
+    _, at, domain = (record.recipient or "").rpartition("@")
+    return domain.lower() if at else ""
+
+
+def _certificate(record: DecisionRecord) -> Optional[Tuple[str, bool, Optional[str]]]:
+    if not record.cert_subject:
+        return None
+    presented = certificate_from_mapping(
+        {
+            "{cert_subject}": record.cert_subject,
+            "{cert_issuer}": record.cert_issuer,
+            "{verify}": record.verify,
+            "{cert_fp}": record.cert_fp,
+            "{cn_subject}": record.cn_subject,
+            "{cn_issuer}": record.cn_issuer,
+        }
+    )
+    if presented is None:
+        return None
+    return (presented.subject_cn or presented.subject, presented.trusted, record.verify)
+
+
+class OrganizationTotals:
+    __slots__ = ("actions", "decisions")
+
+    def __init__(self) -> None:
+        self.decisions = 0
+        self.actions: Dict[str, int] = {}
+
+    def as_dict(self, name: Optional[str]) -> Dict[str, Any]:
+        refused = sum(self.actions.get(a, 0) for a in REFUSALS)
+        return {
+            "organization": name,
+            "decisions": self.decisions,
+            "would_reject": self.actions.get(ACTION_WOULD_REJECT, 0),
+            "reject": self.actions.get(ACTION_REJECT, 0),
+            "soft_reject": self.actions.get(ACTION_SOFT_REJECT, 0),
+            "share": round(refused / self.decisions, 4) if self.decisions else 0.0,
+        }
+
+
+class Aggregator:
+    """Groups decision records; keeps only per-group, per-organization and per-day state."""
+
+    def __init__(self, include: Optional[Callable[[DecisionRecord], bool]] = None) -> None:
+        self.include = include or (lambda record: record.action in REFUSALS)
+        self.groups: Dict[GroupKey, Group] = {}
+        self.organizations: Dict[Optional[str], OrganizationTotals] = {}
+        #: (organization, UTC day) -> [would-reject, reject + soft-reject]
+        self.days: Dict[Tuple[Optional[str], str], List[int]] = {}
+        self.hosts: Set[str] = set()
+        self.decisions = 0
+        self.first: Optional[float] = None
+        self.last: Optional[float] = None
+        #: organization -> sender domains that passed as its own (remedy hints), bounded.
+        self.own_domains: Dict[str, Dict[str, int]] = {}
+
+    def add(self, entry: Entry, record: Optional[DecisionRecord] = None) -> None:
+        record = record or entry.record
+        moment = entry.time
+        self.decisions += 1
+        if entry.host:
+            self.hosts.add(entry.host)
+        if moment is not None:
+            if self.first is None or moment < self.first:
+                self.first = moment
+            if self.last is None or moment > self.last:
+                self.last = moment
+        action = record.action or "-"
+        totals = self.organizations.get(record.organization)
+        if totals is None:
+            totals = self.organizations[record.organization] = OrganizationTotals()
+        totals.decisions += 1
+        totals.actions[action] = totals.actions.get(action, 0) + 1
+        if record.reason == "sender-domain" and record.organization:
+            self._own_domain(record.organization, sender_domain(record.sender))
+        if action in REFUSALS and moment is not None:
+            day = iso(moment)[:10]  # type: ignore[index]
+            counts = self.days.setdefault((record.organization, day), [0, 0])
+            counts[0 if action == ACTION_WOULD_REJECT else 1] += 1
+        if self.include(record):
+            self.add_to_group(record, moment)
+
+    def add_to_group(self, record: DecisionRecord, moment: Optional[float]) -> None:
+        key = GroupKey(
+            record.organization,
+            record.connector,
+            record.client,
+            sender_domain(record.sender),
+            record.reason,
+            record.action,
+        )
+        group = self.groups.get(key)
+        if group is None:
+            group = self.groups[key] = Group()
+            group.certificate = _certificate(record) if record.kind != "certificate" else None
+        group.count += 1
+        recipient = (record.recipient or "").lower()
+        group.recipients.add(recipient)
+        group.recipient_domains.add(recipient_domain(record))
+        if moment is not None:
+            if group.first_seen is None or moment < group.first_seen:
+                group.first_seen = moment
+            if group.last_seen is None or moment > group.last_seen:
+                group.last_seen = moment
+        queue_id = record.queue_id
+        if (
+            queue_id
+            and queue_id != "NOQUEUE"
+            and len(group.samples) < SAMPLES
+            and queue_id not in group.samples
+        ):
+            group.samples.append(queue_id)
+        sender = record.sender or ""
+        if len(group.senders) < 3 and sender not in group.senders:
+            group.senders.append(sender)
+
+    def _own_domain(self, organization: str, domain: str) -> None:
+        counts = self.own_domains.setdefault(organization, {})
+        if domain in counts or len(counts) < 20:
+            counts[domain] = counts.get(domain, 0) + 1
+
+
+# -- remedies ----------------------------------------------------------------------
+
+
+class Remedies:
+    """The concrete fix for each refused group, from the config (if given) and the traffic."""
+
+    def __init__(self, aggregator: Aggregator, config: Optional[Config] = None) -> None:
+        self.aggregator = aggregator
+        self.config = config
+        foreign: Dict[Tuple[Optional[str], Optional[str]], Set[str]] = {}
+        for key in aggregator.groups:
+            if key.action in REFUSALS and key.sender_domain != NULL_SENDER:
+                foreign.setdefault((key.organization, key.client_address), set()).add(
+                    key.sender_domain or ""
+                )
+        self.forwarding = {
+            client: len(domains)
+            for client, domains in foreign.items()
+            if len(domains) >= FORWARDING_DOMAINS
+        }
+
+    def domain_of(self, organization: Optional[str]) -> str:
+        """A domain of the organization, for ``*.domain`` suggestions."""
+        if self.config is not None:
+            for org in self.config.organizations:
+                if org.name == organization and org.accepted_domains:
+                    return org.accepted_domains[0].domain
+        counts = self.aggregator.own_domains.get(organization or "")
+        if counts:
+            return max(sorted(counts), key=lambda d: counts[d])
+        return "your-domain.example"
+
+    def registered_parent(self, organization: Optional[str], name: str) -> Optional[str]:
+        """The accepted domain of the organization that ``name`` lies under, if any."""
+        bare = name[2:] if name.startswith("*.") else name
+        candidates = [self.domain_of(organization)]
+        if self.config is not None:
+            for org in self.config.organizations:
+                if org.name == organization:
+                    candidates = [a.domain for a in org.accepted_domains]
+        for parent in parent_domains(bare):
+            if parent in candidates:
+                return parent
+        return None
+
+    def __call__(self, key: GroupKey, group: Group) -> str:
+        if key.action not in REFUSALS:
+            return ""
+        org = key.organization or "the organization"
+        client = key.client_address or "?"
+        domain = self.domain_of(key.organization)
+        if group.certificate is not None:
+            name, trusted, verify = group.certificate
+            if not trusted:
+                return (
+                    f"the client {client} presented the certificate `{name}` but the MTA did "
+                    f"not verify it ({{verify}}={verify}): have the client send its whole chain "
+                    f"and make its CA trusted (Postfix: smtpd_tls_CAfile)"
+                )
+            registered = self.registered_parent(key.organization, name)
+            if registered is None:
+                return (
+                    f"the certificate `{name}` matched no connector and is not under an "
+                    f"accepted domain of {org}: give the client a certificate named under "
+                    f"{domain} (a connector `*.{domain}`), or list its file under a "
+                    f"connector's certificates: if a SAN of it is"
+                )
+            return (
+                f"the certificate `{name}` matched no connector: add a certificate connector "
+                f"to {org} with tls_sender_certificate_name `*.{registered}`"
+            )
+        if key.sender_domain == NULL_SENDER:
+            return (
+                f"the client {client} sends bounces (`<>`): give it a certificate connector "
+                f"(`*.{domain}`)"
+            )
+        sender = key.sender_domain or ""
+        parent = self.registered_parent(key.organization, sender)
+        if parent is not None:
+            return (
+                f"add `{sender}` to {org}'s accepted_domains "
+                f"(or `match_subdomains: true` on {parent})"
+            )
+        forwarded = self.forwarding.get((key.organization, key.client_address))
+        if forwarded:
+            return (
+                f"the client {client} relays mail of outside senders ({forwarded} sender "
+                f"domains: forwarding): give it a certificate connector (`*.{domain}`) or have "
+                f"it rewrite the envelope sender (SRS)"
+            )
+        if len(group.senders) == 1:  # one address: an application or a device
+            return (
+                f"this application sends as `{group.senders[0]}`: change its envelope sender "
+                f"to an address in {domain} (or, if {org} owns {sender}, add `{sender}` to its "
+                f"accepted_domains)"
+            )
+        return (
+            f"add `{sender}` to {org}'s accepted_domains (if {org} owns it); otherwise change "
+            f"the senders' envelope address to one in {domain}"
+        )
+
+
+# -- the report ----------------------------------------------------------------------
+
+
+class Report(NamedTuple):
+    period: Dict[str, Optional[str]]
+    totals: Dict[str, Any]
+    groups: List[Dict[str, Any]]
+    #: (organization, day) -> [would-reject, reject + soft-reject], for the chart.
+    days: Dict[Tuple[Optional[str], str], List[int]]
+
+
+def group_rows(
+    groups: Dict[GroupKey, Group], remedy: Callable[[GroupKey, Group], str], top: int
+) -> List[Dict[str, Any]]:
+    """The groups as rows (COLUMNS), largest first; beyond ``top`` one "other" row."""
+    ordered = sorted(groups.items(), key=lambda item: (-item[1].count, _sort_key(item[0])))
+    rows = [_row(key, group, remedy(key, group)) for key, group in ordered[: top or None]]
+    rest = ordered[top:] if top else []
+    if rest:
+        firsts = [g.first_seen for _, g in rest if g.first_seen is not None]
+        lasts = [g.last_seen for _, g in rest if g.last_seen is not None]
+        rows.append(
+            {
+                "organization": None,
+                "connector": None,
+                "client_address": None,
+                "sender_domain": None,
+                "reason": None,
+                "action": None,
+                "count": sum(g.count for _, g in rest),
+                "recipients": sum(len(g.recipients) for _, g in rest),
+                "recipient_domains": sum(len(g.recipient_domains) for _, g in rest),
+                "first_seen": iso(min(firsts)) if firsts else None,
+                "last_seen": iso(max(lasts)) if lasts else None,
+                "samples": [],
+                "remedy": f"other: {len(rest)} more groups (--top 0 lists them all)",
+            }
+        )
+    return rows
+
+
+def _sort_key(key: GroupKey) -> Tuple[str, ...]:
+    return tuple(value or "" for value in key)
+
+
+def _row(key: GroupKey, group: Group, remedy: str) -> Dict[str, Any]:
+    return {
+        "organization": key.organization,
+        "connector": key.connector,
+        "client_address": key.client_address,
+        "sender_domain": key.sender_domain,
+        "reason": key.reason,
+        "action": key.action,
+        "count": group.count,
+        "recipients": len(group.recipients),
+        "recipient_domains": len(group.recipient_domains),
+        "first_seen": iso(group.first_seen),
+        "last_seen": iso(group.last_seen),
+        "samples": list(group.samples),
+        "remedy": remedy,
+    }
+
+
+def build_report(
+    entries: Iterable[Entry],
+    config: Optional[Config] = None,
+    since: Optional[float] = None,
+    until: Optional[float] = None,
+    top: int = 20,
+    everything: bool = False,
+    stats: Optional[Stats] = None,
+) -> Report:
+    aggregator = Aggregator((lambda record: True) if everything else None)
+    add = aggregator.add
+    for entry in entries:
+        add(entry)
+    rows = group_rows(aggregator.groups, Remedies(aggregator, config), top)
+    return Report(
+        period={
+            "since": iso(since if since is not None else aggregator.first),
+            "until": iso(until if until is not None else aggregator.last),
+        },
+        totals=totals(aggregator, stats),
+        groups=rows,
+        days=aggregator.days,
+    )
+
+
+def totals(aggregator: Aggregator, stats: Optional[Stats]) -> Dict[str, Any]:
+    actions: Dict[str, int] = {}
+    for org in aggregator.organizations.values():
+        for action, count in org.actions.items():
+            actions[action] = actions.get(action, 0) + count
+    decisions = aggregator.decisions
+    refused = sum(actions.get(a, 0) for a in REFUSALS)
+    return {
+        "decisions": decisions,
+        "relays": sorted(aggregator.hosts),
+        "continue": actions.get(ACTION_CONTINUE, 0),
+        "would_reject": actions.get(ACTION_WOULD_REJECT, 0),
+        "reject": actions.get(ACTION_REJECT, 0),
+        "soft_reject": actions.get(ACTION_SOFT_REJECT, 0),
+        "share": round(refused / decisions, 4) if decisions else 0.0,
+        "groups": len(aggregator.groups),
+        "organizations": [
+            totals.as_dict(name)
+            for name, totals in sorted(
+                aggregator.organizations.items(), key=lambda item: item[0] or "\uffff"
+            )
+        ],
+        "unreadable_lines": stats.unreadable if stats else 0,
+        "undated_skipped": stats.undated_skipped if stats else 0,
+        "errors": list(stats.errors) if stats else [],
+    }
+
+
+# -- formats -------------------------------------------------------------------------------
+
+
+def as_json(report: Report) -> str:
+    data = {"period": report.period, "totals": report.totals, "groups": report.groups}
+    return json.dumps(data, indent=2, ensure_ascii=False)
+
+
+def _cell(value: Any) -> str:
+    """A value for a terminal or a spreadsheet: controls escaped, no formula."""
+    if value is None:
+        return "-"
+    if isinstance(value, list):
+        value = " ".join(str(v) for v in value)
+    text = escape(str(value))
+    return text
+
+
+def as_csv(report: Report) -> str:
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(COLUMNS)
+    for row in report.groups:
+        cells = []
+        for column in COLUMNS:
+            value = row[column]
+            cell = "" if value is None else _cell(value)
+            if cell[:1] in ("=", "+", "@"):  # a spreadsheet would run it as a formula
+                cell = "'" + cell
+            cells.append(cell)
+        writer.writerow(cells)
+    return out.getvalue()
+
+
+def _percent(share: float) -> str:
+    return f"{share * 100:.1f}%"
+
+
+def summary_lines(report: Report) -> List[str]:
+    t = report.totals
+    relays = ", ".join(_cell(r) for r in t["relays"]) or "-"
+    lines = [
+        f"period {report.period['since'] or '-'} to {report.period['until'] or '-'}; "
+        f"relays: {relays}; decisions: {t['decisions']}; would-reject: {t['would_reject']}; "
+        f"reject: {t['reject'] + t['soft_reject']} (soft {t['soft_reject']}); "
+        f"refused or would be: {_percent(t['share'])}"
+    ]
+    for org in t["organizations"]:
+        name = _cell(org["organization"]) if org["organization"] else "(unattributed)"
+        lines.append(
+            f"  {name}: {org['decisions']} decisions, would-reject {org['would_reject']}, "
+            f"reject {org['reject'] + org['soft_reject']} (soft {org['soft_reject']}), "
+            f"{_percent(org['share'])}"
+        )
+    if t["unreadable_lines"]:
+        lines.append(f"  {t['unreadable_lines']} decision line(s) could not be read (truncated?)")
+    if t["undated_skipped"]:
+        lines.append(f"  {t['undated_skipped']} record(s) without a time left out by the period")
+    lines.extend(f"  error: {_cell(e)}" for e in t["errors"])
+    return lines
+
+
+_TEXT_COLUMNS = (
+    ("count", "COUNT"),
+    ("action", "ACTION"),
+    ("organization", "ORGANIZATION"),
+    ("connector", "CONNECTOR"),
+    ("client_address", "CLIENT"),
+    ("sender_domain", "SENDER DOMAIN"),
+    ("reason", "REASON"),
+    ("recipients", "RCPTS"),
+    ("recipient_domains", "RCPT DOMAINS"),
+    ("first_seen", "FIRST SEEN"),
+    ("last_seen", "LAST SEEN"),
+    ("samples", "SAMPLES"),
+)
+
+
+def table_lines(rows: List[Dict[str, Any]]) -> List[str]:
+    """The rows as an aligned table, each followed by its remedy."""
+    if not rows:
+        return ["no groups"]
+    cells = [[_cell(row[key]) for key, _ in _TEXT_COLUMNS] for row in rows]
+    headers = [title for _, title in _TEXT_COLUMNS]
+    widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(headers)]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths)).rstrip()]
+    for row, line in zip(rows, cells):
+        lines.append("  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip())
+        if row["remedy"]:
+            lines.append(f"    remedy: {_cell(row['remedy'])}")
+    return lines
+
+
+def as_text(report: Report) -> str:
+    lines = ["relaymilter report", *summary_lines(report), ""]
+    lines.extend(table_lines(report.groups))
+    return "\n".join(lines) + "\n"
+
+
+# -- HTML ---------------------------------------------------------------------------------
+
+_COLOURS = ("#c0392b", "#2471a3", "#1e8449", "#b9770e", "#7d3c98", "#17a589", "#5d6d7e")
+
+
+def svg_chart(days: Dict[Tuple[Optional[str], str], List[int]]) -> str:
+    """Would-reject (dashed) and reject (solid) per day per organization, as inline SVG."""
+    width, height, left, bottom, top_margin = 760, 260, 50, 40, 20
+    all_days = sorted({day for _, day in days})
+    organizations = sorted({org or "" for org, _ in days})
+    if not all_days:
+        return (
+            f'<svg id="chart" xmlns="http://www.w3.org/2000/svg" width="{width}" height="60" '
+            'role="img"><text x="10" y="35" font-size="14">no refusals in this period</text></svg>'
+        )
+    peak = max(max(v) for v in days.values()) or 1
+    plot_w, plot_h = width - left - 20, height - bottom - top_margin
+    step = plot_w / max(len(all_days) - 1, 1)
+
+    def x(i: int) -> float:
+        return left + (i * step if len(all_days) > 1 else plot_w / 2)
+
+    def y(v: int) -> float:
+        return top_margin + plot_h - v * plot_h / peak
+
+    parts = [
+        f'<svg id="chart" xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+        f'viewBox="0 0 {width} {height}" role="img" '
+        'aria-label="would-reject and reject per day per organization">',
+        f'<rect x="0" y="0" width="{width}" height="{height}" fill="#ffffff"/>',
+        f'<line x1="{left}" y1="{top_margin + plot_h}" x2="{width - 20}" '
+        f'y2="{top_margin + plot_h}" stroke="#333"/>',
+        f'<line x1="{left}" y1="{top_margin}" x2="{left}" y2="{top_margin + plot_h}" '
+        'stroke="#333"/>',
+        f'<text x="{left - 6}" y="{top_margin + 4}" font-size="11" text-anchor="end">{peak}</text>',
+        f'<text x="{left - 6}" y="{top_margin + plot_h}" font-size="11" text-anchor="end">0</text>',
+    ]
+    label_every = max(1, len(all_days) // 8)
+    for i, day in enumerate(all_days):
+        if i % label_every == 0:
+            parts.append(
+                f'<text x="{x(i):.1f}" y="{height - bottom + 16}" font-size="10" '
+                f'text-anchor="middle">{html.escape(day[5:])}</text>'
+            )
+    for number, org in enumerate(organizations):
+        colour = _COLOURS[number % len(_COLOURS)]
+        for index, dash in ((0, ' stroke-dasharray="6 3"'), (1, "")):
+            points = " ".join(
+                f"{x(i):.1f},{y(days.get((org or None, day), [0, 0])[index]):.1f}"
+                for i, day in enumerate(all_days)
+            )
+            parts.append(
+                f'<polyline fill="none" stroke="{colour}" stroke-width="3"{dash} '
+                f'points="{points}"/>'
+            )
+            for i, day in enumerate(all_days):
+                value = days.get((org or None, day), [0, 0])[index]
+                parts.append(f'<circle cx="{x(i):.1f}" cy="{y(value):.1f}" r="4" fill="{colour}"/>')
+        parts.append(
+            f'<text x="{left + 10 + number * 150}" y="{height - 6}" font-size="12" '
+            f'fill="{colour}">{html.escape(_cell(org or "(unattributed)"))}</text>'
+        )
+    parts.append("</svg>")
+    return "".join(parts)
+
+
+_STYLE = """
+body { font-family: sans-serif; margin: 1.5em; color: #222; }
+table { border-collapse: collapse; margin: 1em 0; }
+th, td { border: 1px solid #bbb; padding: 0.25em 0.5em; text-align: left; vertical-align: top; }
+th { background: #eee; }
+td.n { text-align: right; }
+td { white-space: nowrap; }
+td.remedy { max-width: 40em; white-space: normal; }
+.legend { font-size: 0.9em; color: #555; }
+"""
+
+
+def as_html(report: Report) -> str:
+    e = html.escape
+    t = report.totals
+    rows_org = "".join(
+        "<tr>"
+        f"<td>{e(_cell(org['organization'] or '(unattributed)'))}</td>"
+        f'<td class="n">{org["decisions"]}</td><td class="n">{org["would_reject"]}</td>'
+        f'<td class="n">{org["reject"] + org["soft_reject"]}</td>'
+        f'<td class="n">{e(_percent(org["share"]))}</td></tr>'
+        for org in t["organizations"]
+    )
+    header = "".join(f"<th>{e(title)}</th>" for _, title in _TEXT_COLUMNS) + "<th>REMEDY</th>"
+    body = []
+    for row in report.groups:
+        cells = []
+        for key, _ in _TEXT_COLUMNS:
+            value = row[key]
+            text = _cell(value)  # controls made visible: no bare CR or LF in a mail
+            numeric = ' class="n"' if isinstance(value, int) else ""
+            cells.append(f"<td{numeric}>{e(text)}</td>")
+        cells.append(f'<td class="remedy">{e(_cell(row["remedy"] or ""))}</td>')
+        body.append("<tr>" + "".join(cells) + "</tr>")
+    since, until = report.period["since"] or "-", report.period["until"] or "-"
+    relays = ", ".join(map(_cell, t["relays"])) or "-"
+    return (
+        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+        f"<title>relaymilter report {e(since)} to {e(until)}</title>"
+        f"<style>{_STYLE}</style></head><body>"
+        f"<h1>relaymilter report</h1>"
+        f"<p>Period {e(since)} to {e(until)}; relays: {e(relays)}; "
+        f"decisions: {t['decisions']}; would-reject: {t['would_reject']}; "
+        f"reject: {t['reject'] + t['soft_reject']}; refused or would be: "
+        f"{e(_percent(t['share']))}.</p>"
+        "<h2>Would-reject and reject per day</h2>"
+        f"{svg_chart(report.days)}"
+        '<p class="legend">Dashed: would-reject (monitor mode); solid: reject and '
+        "soft-reject.</p>"
+        "<h2>Organizations</h2><table><tr><th>ORGANIZATION</th><th>DECISIONS</th>"
+        f"<th>WOULD-REJECT</th><th>REJECT</th><th>SHARE</th></tr>{rows_org}</table>"
+        f"<h2>Flows</h2><table><tr>{header}</tr>{''.join(body)}</table>"
+        "</body></html>\n"
+    )
+
+
+FORMATS: Dict[str, Callable[[Report], str]] = {
+    "text": as_text,
+    "json": as_json,
+    "csv": as_csv,
+    "html": as_html,
+}
+
+
+def main(args: Any, config_path: Optional[str]) -> int:
+    """``relaymilter report``: 0 on success, 1 on an error (a bad source, option or config)."""
+    import sys
+
+    from .cli import _load_or_report
+    from .logsource import SourceError, selection_from_args
+
+    config = None
+    if config_path is not None:
+        config = _load_or_report(config_path)
+        if config is None:
+            if args.config:
+                return 1
+            # The default file, unreadable here: the remedies then come from the log alone.
+            print("relaymilter: report: going on without the config", file=sys.stderr)
+    try:
+        selection = selection_from_args(args)
+        report = build_report(
+            selection.entries(),
+            config,
+            selection.since,
+            selection.until,
+            args.top,
+            args.all,
+            selection.stats,
+        )
+    except (SourceError, ValueError) as exc:
+        print(f"relaymilter: {exc}", file=sys.stderr)
+        return 1
+    name = "json" if args.json else "csv" if args.csv else "html" if args.html else "text"
+    sys.stdout.write(FORMATS[name](report))
+    sys.stdout.flush()
+    selection.cursor.save()  # only once the report is out
+    return 0
