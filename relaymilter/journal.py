@@ -17,8 +17,10 @@ python3-systemd's bare ``journal.send`` (19.4 µs) saves only what ``logging``
 itself costs. So there is no speed to gain, while the milter would need
 python3-systemd, which the packages only recommend (for the readers), and each
 entry would carry python3-systemd's extra fields (the source file, line and
-function, thread and process names). The writer stays ours. The native protocol (systemd's "Native Journal Protocol"
-document) is one datagram per entry on ``/run/systemd/journal/socket``:
+function, thread and process names). The writer stays ours.
+
+The native protocol (systemd's "Native Journal Protocol" document) is one
+datagram per entry on ``/run/systemd/journal/socket``:
 
 * ``NAME=value\\n`` for a value without a newline;
 * ``NAME\\n`` + the value's length as a little-endian 64-bit integer + the
