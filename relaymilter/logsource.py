@@ -34,6 +34,7 @@ import lzma
 import os
 import re
 import time
+import zlib
 from typing import IO, Any, Dict, Iterator, List, NamedTuple, Optional, Tuple
 
 from .record import DecisionRecord, from_journal, parse_line
@@ -319,7 +320,7 @@ def read_log(path: str, stats: Stats) -> Iterator[Entry]:
                     stats.unreadable += 1
                     continue
                 yield Entry(record, moment, host)
-        except (OSError, EOFError, lzma.LZMAError) as exc:
+        except (OSError, EOFError, lzma.LZMAError, zlib.error) as exc:
             # A compressed file cut short (rotation in progress): keep what was read.
             stats.errors.append(f"{path}: {exc}")
 

@@ -69,6 +69,8 @@ TRIGGER_START = "start"
 TRIGGER_RELOAD = "reload"
 RESULT_SUCCESS = "success"
 RESULT_FAILURE = "failure"
+#: The milter's stages that count internal errors (milter.py's callbacks).
+ERROR_STAGES = ("connect", "negotiate", "envrcpt")
 
 _DecisionKey = Tuple[str, str, str, str, str]
 
@@ -150,7 +152,14 @@ class Metrics:
             registry=registry,
         )
         self._decision_children: Dict[_DecisionKey, Any] = {}
-        self._errors: Dict[str, Any] = {}
+        # Every series an alert watches exists from the start, at 0: increase()
+        # over a series born at 1 would miss the first error or failed reload.
+        self._errors: Dict[str, Any] = {
+            stage: self.internal_errors.labels(stage) for stage in ERROR_STAGES
+        }
+        for trigger in (TRIGGER_START, TRIGGER_RELOAD):
+            for result in (RESULT_SUCCESS, RESULT_FAILURE):
+                self.config_loads.labels(trigger, result)
         # Bound methods of the unlabelled children: one attribute look-up less per call.
         self.rcpt_seconds: Callable[[float], None] = self.rcpt_latency.observe
         self.tempfail: Callable[[], None] = self.tempfail_answers.inc

@@ -12,7 +12,7 @@ import itertools
 import logging
 import threading
 from time import perf_counter
-from typing import TYPE_CHECKING, Any, Dict, List, Optional
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional
 
 import Milter
 
@@ -22,7 +22,7 @@ from .logfmt import log_fields, quote
 from .model import ON_ERROR_TEMPFAIL, TEMPFAIL_REPLY, Config, Reply
 from .networks import IPAddress, parse_client_address
 from .policy import REFUSING_ACTIONS, Decision, Transaction
-from .record import DecisionRecord
+from .record import DecisionRecord, certificate_fields
 from .tlsidentity import certificate_from_mapping, certificate_macros
 
 if TYPE_CHECKING:  # imported only with a metrics: section (prometheus_client)
@@ -67,6 +67,14 @@ _connection_ids = itertools.count(1)
 CONTINUE: int = Milter.CONTINUE
 REJECT: int = Milter.REJECT
 TEMPFAIL: int = Milter.TEMPFAIL
+
+
+def _observe(hook: Callable[..., None], *args: Any) -> None:
+    """Call a metrics hook; its failure is logged and never changes the milter's answer."""
+    try:
+        hook(*args)
+    except Exception:
+        logger.error("metrics: %s failed", getattr(hook, "__name__", hook), exc_info=True)
 
 
 class DecisionCounter:
@@ -114,7 +122,7 @@ class RelayMilter(Milter.Base):  # type: ignore[misc]
         self.certificate_macros: Dict[str, str] = {}
         self.failed_in: Optional[str] = None
         if RelayMilter.metrics is not None:
-            RelayMilter.metrics.connection_opened()
+            _observe(RelayMilter.metrics.connection_opened)
 
     # -- negotiation -------------------------------------------------------
 
@@ -139,7 +147,7 @@ class RelayMilter(Milter.Base):  # type: ignore[misc]
         except Exception:
             logger.error("conn=%d negotiate failed", self.connection_id, exc_info=True)
             if RelayMilter.metrics is not None:
-                RelayMilter.metrics.internal_error("negotiate")
+                _observe(RelayMilter.metrics.internal_error, "negotiate")
             return Milter.ALL_OPTS
 
     # -- callbacks ---------------------------------------------------------
@@ -170,7 +178,7 @@ class RelayMilter(Milter.Base):  # type: ignore[misc]
             return self._envrcpt(to)
         started = perf_counter()
         answer = self._envrcpt(to, metrics)
-        metrics.rcpt_seconds(perf_counter() - started)
+        _observe(metrics.rcpt_seconds, perf_counter() - started)
         return answer
 
     def _envrcpt(self, to: str, metrics: Optional[Metrics] = None) -> int:
@@ -189,7 +197,7 @@ class RelayMilter(Milter.Base):  # type: ignore[misc]
             self._log_decision(decision, to)
             RelayMilter.counter.count(decision)
             if metrics is not None:
-                metrics.decision(self.transaction.attribution, decision)
+                _observe(metrics.decision, self.transaction.attribution, decision)
             if decision.action in REFUSING_ACTIONS and decision.reply is not None:
                 return self._refuse(decision.reply)
             return CONTINUE
@@ -198,7 +206,7 @@ class RelayMilter(Milter.Base):  # type: ignore[misc]
 
     def close(self) -> int:
         if RelayMilter.metrics is not None:
-            RelayMilter.metrics.connection_closed()
+            _observe(RelayMilter.metrics.connection_closed)
         return CONTINUE
 
     # -- helpers -----------------------------------------------------------
@@ -230,7 +238,7 @@ class RelayMilter(Milter.Base):  # type: ignore[misc]
         )
         self.failed_in = where
         if RelayMilter.metrics is not None:
-            RelayMilter.metrics.internal_error(where)
+            _observe(RelayMilter.metrics.internal_error, where)
 
     def _internal_error(self, where: str, recipient: str) -> int:
         logger.error(
@@ -249,7 +257,7 @@ class RelayMilter(Milter.Base):  # type: ignore[misc]
         RelayMilter.counter.count(None)
         metrics = RelayMilter.metrics
         if metrics is not None:
-            metrics.internal_error(where)
+            _observe(metrics.internal_error, where)
         if self.config.on_error != ON_ERROR_TEMPFAIL:
             return CONTINUE
         if metrics is not None:
@@ -272,12 +280,7 @@ class RelayMilter(Milter.Base):  # type: ignore[misc]
             connector=attribution.connector_name if attribution else None,
             kind=attribution.kind if attribution else None,
             certificate=attribution.certificate_name if attribution else None,
-            cert_subject=macros.get("{cert_subject}"),
-            cert_issuer=macros.get("{cert_issuer}"),
-            verify=macros.get("{verify}"),
-            cn_subject=macros.get("{cn_subject}"),
-            cn_issuer=macros.get("{cn_issuer}"),
-            cert_fp=macros.get("{cert_fp}") or macros.get("{cert_md5}"),
+            **certificate_fields(macros),
             sender=transaction.sender.address if transaction else strip_envelope(self.mail_from),
             recipient=decision.recipient or strip_envelope(recipient),
             route=decision.route.describe(),

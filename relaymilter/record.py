@@ -64,6 +64,10 @@ class DecisionRecord(NamedTuple):
             parts.append(f"{key}={quote(value)}")
         return " ".join(parts)
 
+    def certificate_macros(self) -> Dict[str, Optional[str]]:
+        """The certificate macros as the MTA sent them (for ``certificate_from_mapping``)."""
+        return {macro: getattr(self, name) for name, macro in CERTIFICATE_FIELDS}
+
     def journal_fields(self) -> Dict[str, str]:
         """The same values as journal fields (``RELAYMILTER_`` is prefixed by the handler)."""
         fields = {}
@@ -98,6 +102,26 @@ FIELDS: Tuple[Tuple[str, str, str], ...] = (
     ("action", "action", "ACTION"),
     ("reason", "reason", "REASON"),
 )
+#: The record's certificate fields and the macros they hold. ``cert_fp`` is
+#: Sendmail's ``{cert_fp}``, or ``{cert_md5}`` when it sent only that.
+CERTIFICATE_FIELDS: Tuple[Tuple[str, str], ...] = (
+    ("cert_subject", "{cert_subject}"),
+    ("cert_issuer", "{cert_issuer}"),
+    ("verify", "{verify}"),
+    ("cn_subject", "{cn_subject}"),
+    ("cn_issuer", "{cn_issuer}"),
+    ("cert_fp", "{cert_fp}"),
+)
+
+
+def certificate_fields(macros: Mapping[str, str]) -> Dict[str, Optional[str]]:
+    """The record's certificate fields from the macros the MTA sent."""
+    fields = {name: macros.get(macro) for name, macro in CERTIFICATE_FIELDS}
+    if fields["cert_fp"] is None:
+        fields["cert_fp"] = macros.get("{cert_md5}")
+    return fields
+
+
 _ADDRESSES = frozenset(("sender", "recipient", "mta_rcpt"))
 _BY_KEY = {key: name for name, key, _ in FIELDS}
 _BY_JOURNAL_FIELD = {field: name for name, _, field in FIELDS}
@@ -110,7 +134,7 @@ def parse_line(line: str) -> Optional[DecisionRecord]:
     skipped; unknown keys are ignored, missing ones are None.
     """
     start = line.find(MARKER)
-    if start < 0 or (start > 0 and not line[start - 1].isspace()):
+    if start < 0 or not _is_prefix(line[:start]):
         return None
     values: Dict[str, Optional[str]] = {}
     for key, token in FIELD.findall(line, start + len(MARKER)):
@@ -121,6 +145,21 @@ def parse_line(line: str) -> Optional[DecisionRecord]:
     if "action" not in values or "recipient" not in values:
         return None  # a truncated line, or another program's
     return DecisionRecord(**values)
+
+
+def _is_prefix(text: str) -> bool:
+    """Whether ``text`` can precede a decision line's marker.
+
+    Nothing (the journal's MESSAGE), a level word (the stderr handler's
+    ``INFO``), or a syslog prefix ending in ``: ``. Never text with a quote or
+    an ``=``: that is a field of another line (an internal-error line quotes
+    the client's recipient, which could hold a forged ``decision ...``).
+    """
+    if not text:
+        return True
+    if not text.endswith(" ") or '"' in text or "=" in text:
+        return False
+    return text.endswith(": ") or text.rstrip().isalpha()
 
 
 def from_journal(entry: Mapping[str, str]) -> Optional[DecisionRecord]:

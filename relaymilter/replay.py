@@ -56,15 +56,7 @@ def presented_certificate(record: DecisionRecord) -> Optional[PresentedCertifica
             # Older records: only the name that matched; take it as a verified CN.
             return certificate_from_mapping({"{cert_subject}": record.certificate})
         return None
-    macros = {
-        "{cert_subject}": record.cert_subject,
-        "{cert_issuer}": record.cert_issuer,
-        "{verify}": record.verify,
-        "{cert_fp}": record.cert_fp,
-        "{cn_subject}": record.cn_subject,
-        "{cn_issuer}": record.cn_issuer,
-    }
-    return certificate_from_mapping(macros)
+    return certificate_from_mapping(record.certificate_macros())
 
 
 class Replayer:
@@ -77,14 +69,11 @@ class Replayer:
         self._cache: Dict[Tuple[Optional[str], ...], Transaction] = {}
 
     def decide(self, record: DecisionRecord) -> DecisionRecord:
+        # Everything Transaction() is built from: the client, the certificate
+        # (its macros, or for older records the name that matched) and the sender.
         key = (
             record.client,
-            record.cert_subject,
-            record.cert_issuer,
-            record.verify,
-            record.cert_fp,
-            record.cn_subject,
-            record.cn_issuer,
+            *record.certificate_macros().values(),
             record.kind,
             record.certificate,
             record.mode,
@@ -137,7 +126,7 @@ def replay(
     allowed = Aggregator(lambda record: True)
     # The old organizations' domains help name the remedies of newly refused flows.
     everything = Aggregator(lambda record: False)
-    replayed = partial = unchanged = 0
+    replayed = partial = partial_changed = unchanged = 0
     first: Optional[float] = None
     last: Optional[float] = None
     hosts = set()
@@ -154,7 +143,12 @@ def replay(
         new = replayer.decide(old)
         everything.add(entry, new)
         before, after = level(old.action), level(new.action)
-        if after > before:
+        if after != before and is_partial(old):
+            # An older record lacks what decided it (the certificate's issuer,
+            # say): a change may be the record's gap, not the config's. Counted
+            # apart, never gating a deployment.
+            partial_changed += 1
+        elif after > before:
             refused.add(entry, new)
         elif after < before:
             allowed.add(entry, new)
@@ -173,6 +167,7 @@ def replay(
             "records": replayed,
             "relays": sorted(hosts),
             "partial": partial,
+            "partial_changed": partial_changed,
             "unchanged": unchanged,
             "newly_refused": refused.decisions,
             "newly_allowed": allowed.decisions,
@@ -192,7 +187,8 @@ def as_json(result: ReplayResult) -> str:
         "newly_refused": result.newly_refused,
         "newly_allowed": result.newly_allowed,
     }
-    return json.dumps(data, indent=2, ensure_ascii=False)
+    # ASCII: values from the journal may hold undecodable bytes (lone surrogates).
+    return json.dumps(data, indent=2, ensure_ascii=True)
 
 
 def as_text(result: ReplayResult) -> str:
@@ -201,7 +197,8 @@ def as_text(result: ReplayResult) -> str:
         f"relaymilter replay under config {t['config']}",
         f"period {result.period['since'] or '-'} to {result.period['until'] or '-'}; "
         f"records: {t['records']} ({t['partial']} from older versions, replayed as far as "
-        f"they allow); unchanged: {t['unchanged']}; newly refused: {t['newly_refused']}; "
+        f"they allow; {t['partial_changed']} of them changed, not counted below); "
+        f"unchanged: {t['unchanged']}; newly refused: {t['newly_refused']}; "
         f"newly allowed: {t['newly_allowed']}",
     ]
     if t["unreadable_lines"]:
@@ -234,10 +231,19 @@ def main(args: Any, config_path: str) -> int:
             args.top,
             selection.stats,
         )
+        sys.stdout.write(as_json(result) if args.json else as_text(result))
+        sys.stdout.flush()
     except (SourceError, ValueError) as exc:
         print(f"relaymilter: {exc}", file=sys.stderr)
         return EXIT_ERROR
-    sys.stdout.write(as_json(result) if args.json else as_text(result))
-    sys.stdout.flush()
+    except Exception as exc:  # a deploy gate must read a crash as an error, not as "refused"
+        print(f"relaymilter: replay failed: {exc!r}", file=sys.stderr)
+        return EXIT_ERROR
+    if result.totals["errors"]:
+        print("relaymilter: some records could not be read (see above)", file=sys.stderr)
+        return EXIT_ERROR  # the cursor stays: the unread records are read next time
+    if not result.totals["records"]:
+        print("relaymilter: no decision records were read: nothing to replay", file=sys.stderr)
+        return EXIT_ERROR
     selection.cursor.save()
     return result.exit_status

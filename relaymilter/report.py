@@ -152,16 +152,7 @@ def recipient_domain(record: DecisionRecord) -> str:
 def _certificate(record: DecisionRecord) -> Optional[Tuple[str, bool, Optional[str]]]:
     if not record.cert_subject:
         return None
-    presented = certificate_from_mapping(
-        {
-            "{cert_subject}": record.cert_subject,
-            "{cert_issuer}": record.cert_issuer,
-            "{verify}": record.verify,
-            "{cert_fp}": record.cert_fp,
-            "{cn_subject}": record.cn_subject,
-            "{cn_issuer}": record.cn_issuer,
-        }
-    )
+    presented = certificate_from_mapping(record.certificate_macros())
     if presented is None:
         return None
     return (presented.subject_cn or presented.subject, presented.trusted, record.verify)
@@ -491,7 +482,8 @@ def totals(aggregator: Aggregator, stats: Optional[Stats]) -> Dict[str, Any]:
 
 def as_json(report: Report) -> str:
     data = {"period": report.period, "totals": report.totals, "groups": report.groups}
-    return json.dumps(data, indent=2, ensure_ascii=False)
+    # ASCII: values from the journal may hold undecodable bytes (lone surrogates).
+    return json.dumps(data, indent=2, ensure_ascii=True)
 
 
 def _cell(value: Any) -> str:
@@ -741,11 +733,17 @@ def main(args: Any, config_path: Optional[str]) -> int:
             args.all,
             selection.stats,
         )
+        name = "json" if args.json else "csv" if args.csv else "html" if args.html else "text"
+        sys.stdout.write(FORMATS[name](report))
+        sys.stdout.flush()
     except (SourceError, ValueError) as exc:
         print(f"relaymilter: {exc}", file=sys.stderr)
         return 1
-    name = "json" if args.json else "csv" if args.csv else "html" if args.html else "text"
-    sys.stdout.write(FORMATS[name](report))
-    sys.stdout.flush()
+    except Exception as exc:
+        print(f"relaymilter: report failed: {exc!r}", file=sys.stderr)
+        return 1
+    if selection.stats.errors:
+        # The cursor stays where it was: what could not be read is read next time.
+        return 0
     selection.cursor.save()  # only once the report is out
     return 0

@@ -693,3 +693,13 @@ def test_a_textfile_that_cannot_be_written_is_logged_once_and_retried(
     assert f"metrics: {directory}/relaymilter.prom written again" in messages
     assert (directory / "relaymilter.prom").read_text().startswith("# HELP")
     assert [p.name for p in directory.iterdir()] == ["relaymilter.prom"]
+
+
+def test_series_that_alerts_watch_exist_from_the_start_at_zero() -> None:
+    # increase() over a series that appears at 1 never sees its first step.
+    from relaymilter.metrics import Metrics
+
+    text = Metrics().render().decode()
+    for stage in ("connect", "negotiate", "envrcpt"):
+        assert f'relaymilter_internal_errors_total{{stage="{stage}"}} 0.0' in text
+    assert 'relaymilter_config_loads_total{result="failure",trigger="reload"} 0.0' in text

@@ -92,3 +92,14 @@ def test_records_of_older_versions_and_other_lines() -> None:
     assert _line_of("postfix/smtpd[1]: NOQUEUE: milter-reject: RCPT from x") is None
     assert _line_of("INFO decision conn=7 queue_id=NOQUEUE client=192.0.2.7") is None  # truncated
     assert _line_of("indecision conn=1 to=<a@b> action=reject") is None
+
+
+def test_a_decision_forged_inside_another_line_is_not_read() -> None:
+    forged = (
+        'conn=1 queue_id=NOQUEUE client=192.0.2.7 to="<x decision action=would-reject '
+        'to=<victim@tailspintoys.com> organization=contoso reason=attr36 @contoso.com>" '
+        "internal error in envrcpt; answering per on_error=tempfail"
+    )
+    assert parse_line(forged) is None
+    assert parse_line("ERROR " + forged) is None
+    assert parse_line("Nov 30 06:10:35 relay relaymilter[812]: " + forged) is None
