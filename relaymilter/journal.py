@@ -39,7 +39,7 @@ import re
 import socket
 import struct
 import sys
-from typing import Dict, Iterable, List, Mapping, Optional, TextIO, Tuple
+from typing import Any, Dict, Iterable, List, Mapping, Optional, TextIO, Tuple
 
 #: Attribute of a LogRecord that carries structured fields (upper-case keys).
 FIELDS_ATTR = "relaymilter_fields"
@@ -223,8 +223,14 @@ class JournalHandler(logging.Handler):
 
 
 def structured_fields(record: logging.LogRecord) -> List[Tuple[str, str]]:
-    """The record's FIELDS_ATTR dict as (RELAYMILTER_<KEY>, value) pairs; bad keys dropped."""
-    extra = getattr(record, FIELDS_ATTR, None)
+    """The record's FIELDS_ATTR as (RELAYMILTER_<KEY>, value) pairs; bad keys dropped.
+
+    FIELDS_ATTR is a dict, or an object with ``journal_fields()`` (a decision
+    record): then the fields are built here, only when the journal is written.
+    """
+    extra: Any = getattr(record, FIELDS_ATTR, None)
+    if hasattr(extra, "journal_fields"):
+        extra = extra.journal_fields()
     if not isinstance(extra, dict):
         return []
     pairs: Dict[str, str] = {}

@@ -37,8 +37,8 @@ def escape(value: Optional[str]) -> str:
     return "".join(out)
 
 
-# A value written bare: printable ASCII without space, quote or backslash.
-_BARE = re.compile(r"[!#-\[\]-~]+")
+#: A value written bare: printable ASCII without space, quote or backslash.
+BARE = re.compile(r"[!#-\[\]-~]+")
 
 
 def quote(value: Optional[str]) -> str:
@@ -54,7 +54,7 @@ def quote(value: Optional[str]) -> str:
     """
     if value is None:
         return "-"
-    if value != "-" and _BARE.fullmatch(value):
+    if value != "-" and BARE.fullmatch(value):
         return value  # the usual case, checked in C
     out = ['"']
     for char in value:

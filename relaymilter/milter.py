@@ -22,7 +22,7 @@ from .logfmt import log_fields, quote
 from .model import ON_ERROR_TEMPFAIL, TEMPFAIL_REPLY, Config, Reply
 from .networks import IPAddress, parse_client_address
 from .policy import REFUSING_ACTIONS, Decision, Transaction
-from .record import DecisionRecord, certificate_fields
+from .record import DecisionRecord, QuotedRecord, certificate_fields
 from .tlsidentity import certificate_from_mapping, certificate_macros
 
 if TYPE_CHECKING:  # imported only with a metrics: section (prometheus_client)
@@ -118,6 +118,8 @@ class RelayMilter(Milter.Base):  # type: ignore[misc]
         self.client_label = "unknown"
         self.mail_from = ""
         self.transaction: Optional[Transaction] = None
+        #: The transaction's part of every decision record (built at its first recipient).
+        self._record: Optional[QuotedRecord] = None
         #: The certificate macros of the current transaction, as the MTA sent them.
         self.certificate_macros: Dict[str, str] = {}
         self.failed_in: Optional[str] = None
@@ -169,6 +171,7 @@ class RelayMilter(Milter.Base):  # type: ignore[misc]
         # A new transaction: nothing of the previous one carries over.
         self.mail_from = mailfrom
         self.transaction = None
+        self._record = None
         self.certificate_macros = {}
         return CONTINUE
 
@@ -268,26 +271,33 @@ class RelayMilter(Milter.Base):  # type: ignore[misc]
             logger.error("conn=%d setreply failed", self.connection_id, exc_info=True)
         return TEMPFAIL
 
-    def _log_decision(self, decision: Decision, recipient: str) -> None:
+    def _transaction_record(self) -> DecisionRecord:
+        """The part of the decision record that is the same for every recipient of a transaction."""
         transaction = self.transaction
         attribution = transaction.attribution if transaction else None
-        macros = self.certificate_macros
-        record = DecisionRecord(
+        return DecisionRecord(
             conn=str(self.connection_id),
-            queue_id=self._queue_id(),
             client=self.client_label,
             organization=attribution.organization.name if attribution else None,
             connector=attribution.connector_name if attribution else None,
             kind=attribution.kind if attribution else None,
             certificate=attribution.certificate_name if attribution else None,
-            **certificate_fields(macros),
             sender=transaction.sender.address if transaction else strip_envelope(self.mail_from),
+            config=self.config.identity,
+            **certificate_fields(self.certificate_macros),
+        )
+
+    def _log_decision(self, decision: Decision, recipient: str) -> None:
+        if self._record is None:
+            self._record = self._transaction_record().quoted()
+        record = self._record.record._replace(
+            queue_id=self._queue_id(),
             recipient=decision.recipient or strip_envelope(recipient),
             route=decision.route.describe(),
             mta_rcpt=decision.resolved,
             mode=decision.mode,
-            config=self.config.identity,
             action=decision.action,
             reason=decision.reason,
         )
-        logger.info("%s", record.line(), extra={FIELDS_ATTR: record.journal_fields()})
+        # The journal handler builds the fields from the record, only when it writes.
+        logger.info("%s", record.line(self._record), extra={FIELDS_ATTR: record})

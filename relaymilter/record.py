@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from typing import Dict, Iterator, Mapping, NamedTuple, Optional, Tuple
 
-from .logfmt import FIELD, quote, unquote
+from .logfmt import BARE, FIELD, quote, unquote
 
 #: The word that starts a decision line's message.
 MARKER = "decision "
@@ -54,15 +54,28 @@ class DecisionRecord(NamedTuple):
     action: Optional[str] = None
     reason: Optional[str] = None
 
-    def line(self) -> str:
-        """The log message: ``decision`` and every field, in a fixed order."""
-        parts = [MARKER.rstrip()]
-        for name, key, _ in FIELDS:
-            value = getattr(self, name)
-            if name in _ADDRESSES and value is not None:
-                value = f"<{value}>"
-            parts.append(f"{key}={quote(value)}")
-        return " ".join(parts)
+    def line(self, base: Optional[QuotedRecord] = None) -> str:
+        """The log message: ``decision`` and every field, in a fixed order.
+
+        ``base``, a record this one was made from with ``_replace`` and its
+        quoted parts (``quoted()``): a field that is still the base's own value
+        reuses its part. The milter quotes a transaction's fields once, not once
+        per recipient.
+        """
+        if base is None:
+            parts = [_part(p, w, value) for p, w, value in zip(_PREFIXES, _WRAPPED, self)]
+        else:
+            record, quoted = base
+            parts = [
+                done if value is old else _part(p, w, value)
+                for p, w, value, old, done in zip(_PREFIXES, _WRAPPED, self, record, quoted)
+            ]
+        return _MARKER_WORD + " " + " ".join(parts)
+
+    def quoted(self) -> QuotedRecord:
+        """This record with its fields quoted, as a ``base`` for ``line``."""
+        parts = tuple(_part(p, w, value) for p, w, value in zip(_PREFIXES, _WRAPPED, self))
+        return QuotedRecord(self, parts)
 
     def certificate_macros(self) -> Dict[str, Optional[str]]:
         """The certificate macros as the MTA sent them (for ``certificate_from_mapping``)."""
@@ -123,6 +136,27 @@ def certificate_fields(macros: Mapping[str, str]) -> Dict[str, Optional[str]]:
 
 
 _ADDRESSES = frozenset(("sender", "recipient", "mta_rcpt"))
+assert tuple(name for name, _, _ in FIELDS) == DecisionRecord._fields  # one order
+_MARKER_WORD = MARKER.rstrip()
+_PREFIXES = tuple(f"{key}=" for _, key, _ in FIELDS)
+_WRAPPED = tuple(name in _ADDRESSES for name, _, _ in FIELDS)
+_bare = BARE.fullmatch
+
+
+class QuotedRecord(NamedTuple):
+    record: DecisionRecord
+    parts: Tuple[str, ...]
+
+
+def _part(prefix: str, wrap: bool, value: Optional[str]) -> str:
+    """``key=value`` as ``logfmt.quote`` writes it (inlined for bare values: the usual case)."""
+    if value is None:
+        return prefix + "-"
+    if wrap:
+        value = f"<{value}>"
+    return prefix + (value if value != "-" and _bare(value) else quote(value))
+
+
 _BY_KEY = {key: name for name, key, _ in FIELDS}
 _BY_JOURNAL_FIELD = {field: name for name, _, field in FIELDS}
 
