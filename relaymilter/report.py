@@ -21,10 +21,12 @@ import io
 import json
 from typing import Any, Callable, Dict, Iterable, List, NamedTuple, Optional, Set, Tuple
 
+from .certnames import normalize_certificate_name
 from .domains import parent_domains
 from .logfmt import escape
 from .logsource import Entry, Stats, iso
 from .model import Config
+from .networks import parse_client_address
 from .policy import ACTION_CONTINUE, ACTION_REJECT, ACTION_SOFT_REJECT, ACTION_WOULD_REJECT
 from .record import DecisionRecord
 from .tlsidentity import certificate_from_mapping
@@ -131,8 +133,8 @@ class Group:
         self.samples: List[str] = []
         #: Up to 3 distinct sender addresses (is it one application?).
         self.senders: List[str] = []
-        #: The certificate the client presented, as (CN, trusted, verify), if any.
-        self.certificate: Optional[Tuple[str, bool, Optional[str]]] = None
+        #: The certificate the client presented, as (CN, trusted, verify, issuer CN), if any.
+        self.certificate: Optional[Tuple[str, bool, Optional[str], Optional[str]]] = None
 
 
 def sender_domain(sender: Optional[str]) -> str:
@@ -149,13 +151,20 @@ def recipient_domain(record: DecisionRecord) -> str:
     return domain.lower() if at else ""
 
 
-def _certificate(record: DecisionRecord) -> Optional[Tuple[str, bool, Optional[str]]]:
+def _certificate(
+    record: DecisionRecord,
+) -> Optional[Tuple[str, bool, Optional[str], Optional[str]]]:
     if not record.cert_subject:
         return None
     presented = certificate_from_mapping(record.certificate_macros())
     if presented is None:
         return None
-    return (presented.subject_cn or presented.subject, presented.trusted, record.verify)
+    return (
+        presented.subject_cn or presented.subject,
+        presented.trusted,
+        record.verify,
+        presented.issuer_cn,
+    )
 
 
 class OrganizationTotals:
@@ -304,6 +313,30 @@ class Remedies:
                 return parent
         return None
 
+    def refusing_connector(self, name: str, issuer: Optional[str], client: str) -> Optional[str]:
+        """A connector whose name matches the certificate, but whose other conditions did not."""
+        if self.config is None:
+            return None
+        normalized = normalize_certificate_name(name)
+        if normalized is None:
+            return None
+        address = parse_client_address(client)
+        for _, candidate in self.config.certificate_connectors.lookup(normalized):
+            connector = candidate.connector
+            where = f"{candidate.organization.name}/{connector.name}"
+            if not connector.admits_issuer(issuer):
+                return (
+                    f"the certificate `{name}` matches connector {where}, but its issuer "
+                    f"`{issuer or '-'}` is not in the connector's trusted_issuers: add it "
+                    f"(a renewed certificate from another CA?)"
+                )
+            if not connector.admits_address(address):
+                return (
+                    f"the certificate `{name}` matches connector {where}, but the client "
+                    f"{client} is not in its sender_ip_addresses: add the address"
+                )
+        return None
+
     def __call__(self, key: GroupKey, group: Group) -> str:
         if key.action not in REFUSALS:
             return ""
@@ -311,13 +344,16 @@ class Remedies:
         client = key.client_address or "?"
         domain = self.domain_of(key.organization)
         if group.certificate is not None:
-            name, trusted, verify = group.certificate
+            name, trusted, verify, issuer = group.certificate
             if not trusted:
                 return (
                     f"the client {client} presented the certificate `{name}` but the MTA did "
                     f"not verify it ({{verify}}={verify}): have the client send its whole chain "
                     f"and make its CA trusted (Postfix: smtpd_tls_CAfile)"
                 )
+            refusing = self.refusing_connector(name, issuer, client)
+            if refusing is not None:
+                return refusing
             registered = self.registered_parent(key.organization, name)
             if registered is None:
                 return (

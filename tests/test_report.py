@@ -100,6 +100,27 @@ def test_a_certificate_under_no_accepted_domain() -> None:
     )
 
 
+def test_a_certificate_an_existing_connector_refused_names_the_condition() -> None:
+    # A renewed certificate from another CA: the connector exists, its issuer list does not
+    # name the new CA. The remedy must not be "add a connector".
+    flow = dl.Flow(
+        "new-ca",
+        "192.0.2.12",
+        "",
+        ["kate@tailspintoys.com"],
+        {"{cert_subject}": "mail.contoso.com", "{cert_issuer}": "R3"},
+    )
+    pinned = dl.config(
+        dl.FIXED.replace(
+            '"*.contoso.com"\n', '"*.contoso.com"\n        trusted_issuers: ["Contoso CA"]\n'
+        )
+    )
+    logged = [dl.Logged(dl.START, r) for r in dl.decide(pinned, flow, "4Xca")]
+    (group,) = build_report(entries(logged), pinned).groups
+    assert "matches connector contoso/onprem-cert" in group["remedy"], group["remedy"]
+    assert "issuer `R3` is not in the connector's trusted_issuers" in group["remedy"]
+
+
 def test_remedies_without_the_config_use_the_domains_seen_in_the_log() -> None:
     rep = build_report(entries(dl.traffic()))
     assert "(`*.contoso.com`)" in by_flow(rep)["192.0.2.7", "<>"]["remedy"]
