@@ -168,11 +168,13 @@ def _certificate(
 
 
 class OrganizationTotals:
-    __slots__ = ("actions", "decisions")
+    __slots__ = ("actions", "decisions", "modes")
 
     def __init__(self) -> None:
         self.decisions = 0
         self.actions: Dict[str, int] = {}
+        #: The modes its decisions were made in (a rollout moves it through several).
+        self.modes: Dict[str, int] = {}
 
     def as_dict(self, name: Optional[str]) -> Dict[str, Any]:
         refused = sum(self.actions.get(a, 0) for a in REFUSALS)
@@ -183,6 +185,7 @@ class OrganizationTotals:
             "reject": self.actions.get(ACTION_REJECT, 0),
             "soft_reject": self.actions.get(ACTION_SOFT_REJECT, 0),
             "share": round(refused / self.decisions, 4) if self.decisions else 0.0,
+            "modes": sorted(self.modes),
         }
 
 
@@ -219,6 +222,8 @@ class Aggregator:
             totals = self.organizations[record.organization] = OrganizationTotals()
         totals.decisions += 1
         totals.actions[action] = totals.actions.get(action, 0) + 1
+        if record.mode:
+            totals.modes[record.mode] = totals.modes.get(record.mode, 0) + 1
         if record.reason == "sender-domain" and record.organization:
             self._own_domain(record.organization, sender_domain(record.sender))
         if action in REFUSALS and moment is not None:
@@ -566,7 +571,7 @@ def summary_lines(report: Report) -> List[str]:
         lines.append(
             f"  {name}: {org['decisions']} decisions, would-reject {org['would_reject']}, "
             f"reject {org['reject'] + org['soft_reject']} (soft {org['soft_reject']}), "
-            f"{_percent(org['share'])}"
+            f"{_percent(org['share'])}; mode {', '.join(org['modes']) or '-'}"
         )
     if t["unreadable_lines"]:
         lines.append(f"  {t['unreadable_lines']} decision line(s) could not be read (truncated?)")

@@ -140,7 +140,10 @@ def test_totals_per_organization_and_period() -> None:
         "reject": 0,
         "soft_reject": 0,
         "share": 0.8,
+        "modes": ["monitor"],
     }
+    assert "contoso: 30 decisions" in "\n".join(as_text(rep).splitlines()[:4])
+    assert "; mode monitor" in as_text(rep)
     assert fabrikam["would_reject"] == 3 and unattributed["organization"] is None
     # A given period is the report's, not the records'.
     assert report(since=dl.START, until=dl.START + 7 * dl.DAY).period["until"] == (
