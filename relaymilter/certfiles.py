@@ -144,11 +144,6 @@ def load_certificates(path: str) -> CertificateBundle:
     return CertificateBundle(path, tuple(leaves), tuple(authorities))
 
 
-def load_certificate_file(path: str) -> CertificateFile:
-    """The first leaf certificate of a file (see load_certificates)."""
-    return load_certificates(path).leaves[0]
-
-
 def _parse_all(path: str, data: bytes) -> List[x509.Certificate]:
     try:
         if b"-----BEGIN" not in data:

@@ -93,11 +93,6 @@ def _unescape(match: re.Match[str]) -> str:
 FIELD = re.compile(r'(\w+)=("(?:[^"\\]|\\.)*"|[^\s"]\S*)')
 
 
-def parse_fields(line: str) -> Dict[str, str]:
-    """The ``key=value`` fields of a line, unquoted."""
-    return {key: unquote(value) for key, value in FIELD.findall(line)}
-
-
 def log_fields(**fields: Optional[str]) -> Dict[str, Dict[str, str]]:
     """``extra=`` for a log call: structured fields for the journal (upper-case keys)."""
     return {FIELDS_ATTR: {key.upper(): value for key, value in fields.items() if value is not None}}

@@ -14,7 +14,7 @@ simply lack it (None).
 
 from __future__ import annotations
 
-from typing import Dict, Iterator, Mapping, NamedTuple, Optional, Tuple
+from typing import Dict, Mapping, NamedTuple, Optional, Tuple
 
 from .logfmt import BARE, FIELD, quote, unquote
 
@@ -211,8 +211,3 @@ def _value(name: str, token: str) -> Optional[str]:
     if name in _ADDRESSES and value.startswith("<") and value.endswith(">"):
         value = value[1:-1]
     return value
-
-
-def field_names() -> Iterator[str]:
-    """The line's keys, in order (for documentation and tests)."""
-    return (key for _, key, _ in FIELDS)

@@ -46,11 +46,6 @@ class Route(NamedTuple):
     hops: Tuple[Optional[str], ...]
 
     @property
-    def final(self) -> Optional[str]:
-        """The domain the address finally reaches (None when there is none)."""
-        return self.hops[-1] if self.hops else None
-
-    @property
     def is_simple(self) -> bool:
         """Whether the address goes straight to its one domain (no routing form)."""
         return len(self.hops) == 1
