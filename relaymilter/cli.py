@@ -95,6 +95,24 @@ def build_parser() -> argparse.ArgumentParser:
     for name in ("json", "csv", "html"):
         formats.add_argument(f"--{name}", action="store_true", help=f"{name.upper()} output")
 
+    sync = sub.add_parser(
+        "sync", help="fetch the organizations from the config's sources into the snapshot"
+    )
+    config_option(sync)
+    modes = sync.add_mutually_exclusive_group()
+    modes.add_argument(
+        "--dry-run", action="store_true", help="fetch and validate, show what would change"
+    )
+    modes.add_argument(
+        "--status", action="store_true", help="each source's last success and error, the age"
+    )
+    sync.add_argument(
+        "--force",
+        action="store_true",
+        help="take a result that removes more than max_removed_domains, or an empty one",
+    )
+    sync.add_argument("--json", action="store_true", help="with --status: the status as JSON")
+
     replay = sub.add_parser("replay", help="decide the logged recipients again under a config")
     _log_source_options(replay)
     replay.add_argument(
@@ -145,6 +163,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         from .report import main as report_main
 
         return report_main(args, path if args.config or os.path.exists(path) else None)
+    if args.command == "sync":
+        from . import sync
+
+        if args.status:
+            return sync.show_status(path, args.json, sys.stdout, sys.stderr)
+        return sync.run(path, args.dry_run, args.force, sys.stdout, sys.stderr)
     if args.command == "replay":
         from .replay import main as replay_main
 

@@ -20,6 +20,7 @@ import yaml
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
 from . import publicsuffix
+from . import snapshot as snapshot_file
 from .certfiles import CertificateFile, CertificateFileError, load_certificates
 from .certnames import CertificatePattern, PatternError, normalize_certificate_name, parse_pattern
 from .domains import (
@@ -45,11 +46,14 @@ from .model import (
     MetricsSettings,
     Organization,
     Reply,
+    SnapshotFile,
     build_indexes,
 )
 from .networks import IPNetwork
 from .safefile import CONFIG_FILE_LIMIT, UnsafeFileError, read_regular_file
 from .socketspec import SocketSpec, SocketSpecError, parse_socket_spec
+from .sourceconfig import read_sources
+from .sources.settings import SourcesSettings
 
 # libmilter refuses longer reply lines (MAXREPLYLEN 980) with the code in front.
 _MAX_REPLY_TEXT = 900
@@ -63,10 +67,13 @@ class ConfigIssue:
     line: Optional[int]
     path: str
     message: str
+    #: Where a snapshot's item came from (an LDAP DN, a row, a fragment's file and line).
+    origin: Optional[str] = None
 
     def __str__(self) -> str:
         where = f"{self.file}:{self.line}" if self.line else self.file
-        return f"{where}: {self.path}: {self.message}" if self.path else f"{where}: {self.message}"
+        text = f"{where}: {self.path}: {self.message}" if self.path else f"{where}: {self.message}"
+        return f"{text} (from {self.origin})" if self.origin else text
 
 
 class ConfigError(Exception):
@@ -77,17 +84,33 @@ class ConfigError(Exception):
         super().__init__("\n".join(str(issue) for issue in self.issues))
 
 
-def load_config(path: str) -> Config:
-    """Read, validate and build the config at ``path``; raise ConfigError listing every error."""
+class SnapshotText(NamedTuple):
+    """A snapshot to validate instead of the file (``relaymilter sync``'s candidate)."""
+
+    text: str
+    #: Names it in messages.
+    label: str
+
+
+def load_config(path: str, snapshot: Optional[SnapshotText] = None) -> Config:
+    """Read, validate and build the config at ``path``; raise ConfigError listing every error.
+
+    With a ``sources:`` section, the organizations of the snapshot file (or of
+    ``snapshot``) are merged with the file's own and validated with them.
+    """
+    return parse_config(_read_text(path, CONFIG_FILE_LIMIT, "the config file"), path, snapshot)
+
+
+def _read_text(path: str, limit: int, what: str) -> str:
     try:
-        text = read_regular_file(path, CONFIG_FILE_LIMIT, "the config file").decode("utf-8")
+        return read_regular_file(path, limit, what).decode("utf-8")
     except UnsafeFileError as exc:
-        issue = ConfigIssue(path, None, "", f"cannot read the config file: {exc.strerror}")
-        raise ConfigError([issue]) from None
+        raise ConfigError(
+            [ConfigIssue(path, None, "", f"cannot read {what}: {exc.strerror}")]
+        ) from None
     except UnicodeDecodeError as exc:
-        issue = ConfigIssue(path, None, "", f"cannot read the config file: not UTF-8 ({exc})")
+        issue = ConfigIssue(path, None, "", f"cannot read {what}: not UTF-8 ({exc})")
         raise ConfigError([issue]) from None
-    return parse_config(text, path)
 
 
 def config_identity(text: str) -> str:
@@ -95,20 +118,42 @@ def config_identity(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8", "surrogateescape")).hexdigest()[:12]
 
 
-def parse_config(text: str, path: str) -> Config:
+def parse_config(text: str, path: str, snapshot: Optional[SnapshotText] = None) -> Config:
     """Validate and build a config from YAML text; ``path`` names it in messages."""
+    root = _compose(text, path)
+    reader = _Reader(path, text, snapshot)
+    config = reader.read_root(root)
+    if reader.errors or config is None:
+        raise ConfigError(reader.sorted_errors())
+    return config
+
+
+def load_sources_settings(path: str) -> Tuple[Optional[SourcesSettings], List[str]]:
+    """The ``sources:`` section alone (for ``relaymilter sync``), and its warnings.
+
+    The rest of the file is validated later, with the organizations sync fetched.
+    """
+    text = _read_text(path, CONFIG_FILE_LIMIT, "the config file")
+    reader = _Reader(path, text)
+    root = _compose(text, path)
+    settings = None
+    if isinstance(root, MappingNode):
+        for key_node, value_node in root.value:
+            if isinstance(key_node, ScalarNode) and key_node.value == "sources":
+                settings = read_sources(reader, (key_node, value_node))
+    if reader.errors:
+        raise ConfigError(reader.sorted_errors())
+    return settings, [str(w) for w in reader.warnings]
+
+
+def _compose(text: str, path: str) -> Optional[Node]:
     try:
-        root = yaml.compose(text, Loader=_LOADER)
+        return yaml.compose(text, Loader=_LOADER)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         line = mark.line + 1 if mark is not None else None
         problem = getattr(exc, "problem", None) or str(exc)
         raise ConfigError([ConfigIssue(path, line, "", f"not valid YAML: {problem}")]) from None
-    reader = _Reader(path, config_identity(text))
-    config = reader.read_root(root)
-    if reader.errors or config is None:
-        raise ConfigError(sorted(reader.errors, key=lambda issue: issue.line or 0))
-    return config
 
 
 # libyaml's composer when PyYAML has it: a 100,000-domain file loads 3x faster.
@@ -121,26 +166,50 @@ _STR_TAG = "tag:yaml.org,2002:str"
 class _Reader:
     """Walks the YAML node tree, checking it against the schema and collecting issues."""
 
-    def __init__(self, path: str, identity: str = "-") -> None:
+    def __init__(self, path: str, text: str = "", snapshot: Optional[SnapshotText] = None) -> None:
+        #: The file being read: the config file, then the snapshot.
         self.path = path
-        self.identity = identity
+        self.config_path = path
+        self.text = text
+        self.snapshot_override = snapshot
         self.errors: List[ConfigIssue] = []
         self.warnings: List[ConfigIssue] = []
-        self._base_dir = os.path.dirname(os.path.abspath(path))
+        self.base_dir = os.path.dirname(os.path.abspath(path))
+        self.has_sources = False
         self._order = 0
         #: Every accepted domain as read, with its node, for the cross-organization check.
         self._accepted: List[_AcceptedEntry] = []
-        self._organization_names: Dict[int, str] = {}
+        #: Connectors' certificate names, checked once the organizations are merged.
+        self._registrations: List[_Registration] = []
         self._suffixes: Optional[publicsuffix.PublicSuffixList] = None
         self._suffix_problem: Optional[str] = None
+        self._snapshot: Optional[Tuple[str, str]] = None
+        self._origins: Optional[snapshot_file.OriginIndex] = None
 
     # -- reporting ---------------------------------------------------------
 
     def error(self, node: Optional[Node], path: str, message: str) -> None:
-        self.errors.append(ConfigIssue(self.path, _line(node), path, message))
+        self.errors.append(self._issue(_line(node), path, message))
 
     def warn(self, node: Optional[Node], path: str, message: str) -> None:
-        self.warnings.append(ConfigIssue(self.path, _line(node), path, message))
+        self.warnings.append(self._issue(_line(node), path, message))
+
+    def _issue(self, line: Optional[int], path: str, message: str) -> ConfigIssue:
+        return ConfigIssue(self.path, line, path, message, self._origin(self.path, line))
+
+    def _origin(self, file: str, line: Optional[int]) -> Optional[str]:
+        """A snapshot item's origin, from the comment above it (indexed on the first error)."""
+        if self._snapshot is None or file != self._snapshot[0]:
+            return None
+        if self._origins is None:
+            self._origins = snapshot_file.origins(self._snapshot[1])
+        return self._origins.at(line)
+
+    def sorted_errors(self) -> List[ConfigIssue]:
+        """The config file's errors first, then the snapshot's, each in line order."""
+        return sorted(
+            self.errors, key=lambda issue: (issue.file != self.config_path, issue.line or 0)
+        )
 
     # -- generic shapes ----------------------------------------------------
 
@@ -231,10 +300,14 @@ class _Reader:
         if root is None:
             self.error(None, "", "the config file is empty")
             return None
-        allowed = ("socket", "mode", "on_error", "reject", "organizations", "metrics")
-        fields = self.fields(root, "", allowed, required=("organizations",))
+        allowed = ("socket", "mode", "on_error", "reject", "organizations", "metrics", "sources")
+        fields = self.fields(root, "", allowed)
         if fields is None:
             return None
+        sources = read_sources(self, fields["sources"]) if "sources" in fields else None
+        self.has_sources = "sources" in fields
+        if "organizations" not in fields and not self.has_sources:
+            self.error(root, "organizations", "required key is missing")
         socket = self.read_socket(fields.get("socket"))
         mode = MODE_ENFORCE
         if "mode" in fields:
@@ -245,9 +318,15 @@ class _Reader:
             on_error = self.choice(fields["on_error"][1], "on_error", choices) or on_error
         reject = self.read_reject(fields.get("reject"))
         metrics = self.read_metrics(fields.get("metrics"), socket)
-        organizations: Tuple[Organization, ...] = ()
+        parts: List[_OrganizationParts] = []
         if "organizations" in fields:
-            organizations = self.read_organizations(fields["organizations"][1])
+            parts = self.read_organizations(fields["organizations"][1])
+        snapshot = None
+        if sources is not None:
+            snapshot = self.read_snapshot(sources, fields["sources"][1], parts)
+        organizations = self.merge(parts)
+        self.path = self.config_path
+        self.check_registrations(organizations)
         self.check_domain_owners()
         if self.errors:
             return None
@@ -257,8 +336,9 @@ class _Reader:
         if on_error == ON_ERROR_ACCEPT:
             self.warn(fields["on_error"][1], "on_error", "internal errors will let mail through")
         ip_table, names, files = build_indexes(organizations, mode)
+        snapshot_text = self._snapshot[1] if self._snapshot else ""
         return Config(
-            path=self.path,
+            path=self.config_path,
             socket=socket,
             mode=mode,
             on_error=on_error,
@@ -268,9 +348,96 @@ class _Reader:
             ip_connectors=ip_table,
             certificate_connectors=names,
             certificate_files=files,
-            identity=self.identity,
+            identity=config_identity(self.text + snapshot_text),
             metrics=metrics,
+            sources=sources,
+            snapshot=snapshot,
         )
+
+    # -- the snapshot and the merge -------------------------------------------
+
+    def read_snapshot(
+        self, sources: SourcesSettings, node: Node, parts: List[_OrganizationParts]
+    ) -> Optional[SnapshotFile]:
+        """The snapshot's organizations, appended to ``parts``; the file's identity."""
+        loaded = self.snapshot_text(sources, node)
+        if loaded is None:
+            return None
+        label, text, snapshot = loaded
+        self._snapshot = (label, text)
+        self.path = label
+        try:
+            root = yaml.compose(text, Loader=_LOADER)
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            self.errors.append(
+                ConfigIssue(label, mark.line + 1 if mark else None, "", f"not valid YAML: {exc}")
+            )
+            return None
+        fields = self.fields(root, "", ("organizations",), ("organizations",)) if root else None
+        if fields is None:
+            self.error(root, "", "the snapshot is empty; run relaymilter sync")
+            return None
+        if "organizations" in fields:
+            parts.extend(self.read_organizations(fields["organizations"][1], snapshot=True))
+        return snapshot
+
+    def snapshot_text(
+        self, sources: SourcesSettings, node: Node
+    ) -> Optional[Tuple[str, str, Optional[SnapshotFile]]]:
+        if self.snapshot_override is not None:
+            return self.snapshot_override.label, self.snapshot_override.text, None
+        path = sources.snapshot
+        try:
+            text, stat = _read_snapshot_file(path)
+        except FileNotFoundError:
+            self.error(
+                node,
+                "sources.snapshot",
+                f"{path} does not exist yet: run 'relaymilter sync' to fetch the sources",
+            )
+            return None
+        except ConfigError as exc:
+            self.errors.extend(exc.issues)
+            return None
+        digest = config_identity(text)
+        return path, text, SnapshotFile(path, stat, digest, stat[3] / 1e9)
+
+    def merge(self, parts: List[_OrganizationParts]) -> Tuple[Organization, ...]:
+        """One organization per name: the config file's own, with what the sources add."""
+        merged: Dict[str, _OrganizationParts] = {}
+        for part in parts:
+            if part.name is None:
+                continue
+            first = merged.get(part.name)
+            if first is None:
+                merged[part.name] = part
+            elif first.file == part.file:
+                self.path = part.file
+                self.error(
+                    part.node, part.path + ".name", f"duplicate organization name {part.name!r}"
+                )
+            else:
+                self.path = part.file
+                first.absorb(part, self)
+        organizations = []
+        for part in merged.values():
+            self.path = part.file
+            organization = part.build(self)
+            if organization is not None:
+                organizations.append(organization)
+        return tuple(organizations)
+
+    def check_registrations(self, organizations: Tuple[Organization, ...]) -> None:
+        by_name = {organization.name: organization for organization in organizations}
+        for item in self._registrations:
+            organization = by_name.get(item.organization)
+            if organization is not None:
+                self.path = item.file
+                self.check_registration(
+                    item.node, item.path, item.connector, item.pattern, organization
+                )
+        self.path = self.config_path
 
     def scoped_mode(self, fields: Dict[str, _Field], path: str) -> Optional[str]:
         """An organization's or connector's own ``mode`` (the most specific one wins)."""
@@ -389,7 +556,7 @@ class _Reader:
         name = self.string(node, path)
         if name is None:
             return None
-        target = os.path.join(self._base_dir, name)
+        target = os.path.join(self.base_dir, name)
         directory = os.path.dirname(target)
         if not os.path.isdir(directory):
             self.error(
@@ -490,58 +657,51 @@ class _Reader:
             return False
         return True
 
-    def read_organizations(self, node: Node) -> Tuple[Organization, ...]:
+    def read_organizations(self, node: Node, snapshot: bool = False) -> List[_OrganizationParts]:
         items = self.sequence(node, "organizations", "organizations")
-        if isinstance(node, SequenceNode) and not items:
+        if isinstance(node, SequenceNode) and not items and not snapshot:
             self.error(node, "organizations", "must list at least one organization")
-        seen: Dict[str, int] = {}
-        organizations = []
-        for index, item in enumerate(items):
-            path = f"organizations[{index}]"
-            organization = self.read_organization(item, path, index)
-            if organization is None:
-                continue
-            if organization.name in seen:
-                self.error(
-                    item, path + ".name", f"duplicate organization name {organization.name!r}"
-                )
-            seen[organization.name] = index
-            organizations.append(organization)
-        return tuple(organizations)
+        return [
+            parts
+            for index, item in enumerate(items)
+            if (parts := self.read_organization(item, f"organizations[{index}]")) is not None
+        ]
 
-    def read_organization(
-        self, node: Node, path: str, organization_index: int
-    ) -> Optional[Organization]:
+    def read_organization(self, node: Node, path: str) -> Optional[_OrganizationParts]:
+        # With sources, an organization's domains or connectors may all come from them.
+        required = ("name",) if self.has_sources else ("name", "accepted_domains", "connectors")
         fields = self.fields(
-            node,
-            path,
-            ("name", "accepted_domains", "connectors", "mode"),
-            required=("name", "accepted_domains", "connectors"),
+            node, path, ("name", "accepted_domains", "connectors", "mode"), required=required
         )
         if fields is None:
             return None
         name = self.name(fields["name"][1], path + ".name") if "name" in fields else None
-        domains: Tuple[AcceptedDomain, ...] = ()
+        key = name if name is not None else f"<{self.path}:{path}>"
+        domains: List[AcceptedDomain] = []
         if "accepted_domains" in fields:
             domains = self.read_accepted_domains(
-                fields["accepted_domains"][1], path + ".accepted_domains", organization_index
+                fields["accepted_domains"][1], path + ".accepted_domains", key
             )
-        self._organization_names[organization_index] = name or f"<{path}>"
-        # Read the connectors even without a valid name, to report their errors too.
-        probe = Organization(name or f"<{path}>", domains, ())
-        connectors: Tuple[Connector, ...] = ()
+        connectors: List[Connector] = []
         if "connectors" in fields:
-            connectors = self.read_connectors(fields["connectors"][1], path + ".connectors", probe)
-        mode = self.scoped_mode(fields, path)
-        if name is None:
-            return None
-        return Organization(name, domains, connectors, mode)
+            connectors = self.read_connectors(fields["connectors"][1], path + ".connectors", key)
+        mode_node = fields["mode"][1] if "mode" in fields else None
+        return _OrganizationParts(
+            name,
+            self.path,
+            path,
+            node,
+            domains,
+            connectors,
+            self.scoped_mode(fields, path),
+            mode_node,
+        )
 
     def read_accepted_domains(
-        self, node: Node, path: str, organization_index: int
-    ) -> Tuple[AcceptedDomain, ...]:
+        self, node: Node, path: str, organization: str
+    ) -> List[AcceptedDomain]:
         items = self.sequence(node, path, "domains")
-        if isinstance(node, SequenceNode) and not items:
+        if isinstance(node, SequenceNode) and not items and not self.has_sources:
             self.error(node, path, "must list at least one domain")
         domains: Dict[str, AcceptedDomain] = {}
         for index, item in enumerate(items):
@@ -552,7 +712,7 @@ class _Reader:
             mapping = isinstance(item, MappingNode)
             line = _line(item) or 0
             self._accepted.append(
-                _AcceptedEntry(accepted, line, organization_index, index, mapping)
+                _AcceptedEntry(accepted, self.path, line, organization, item_path, mapping)
             )
             if accepted.domain in domains:
                 self.warn(item, item_path, f"{accepted.domain} is listed twice")
@@ -561,7 +721,7 @@ class _Reader:
                     accepted.match_subdomains or domains[accepted.domain].match_subdomains,
                 )
             domains[accepted.domain] = accepted
-        return tuple(domains.values())
+        return list(domains.values())
 
     def read_accepted_domain(self, node: Node, path: str) -> Optional[AcceptedDomain]:
         match_subdomains = False
@@ -627,17 +787,8 @@ class _Reader:
                 )
         return self._suffixes
 
-    def read_connectors(
-        self, node: Node, path: str, organization: Organization
-    ) -> Tuple[Connector, ...]:
+    def read_connectors(self, node: Node, path: str, organization: str) -> List[Connector]:
         items = self.sequence(node, path, "connectors")
-        if isinstance(node, SequenceNode) and not items:
-            self.warn(
-                node,
-                path,
-                f"organization {organization.name!r} has no connectors: "
-                "nothing is attributed to it",
-            )
         names: Set[str] = set()
         connectors = []
         for index, item in enumerate(items):
@@ -649,16 +800,13 @@ class _Reader:
                 self.error(
                     item,
                     item_path + ".name",
-                    f"duplicate connector name {connector.name!r} "
-                    f"in organization {organization.name!r}",
+                    f"duplicate connector name {connector.name!r} in organization {organization!r}",
                 )
             names.add(connector.name)
             connectors.append(connector)
-        return tuple(connectors)
+        return connectors
 
-    def read_connector(
-        self, node: Node, path: str, organization: Organization
-    ) -> Optional[Connector]:
+    def read_connector(self, node: Node, path: str, organization: str) -> Optional[Connector]:
         allowed = (
             "name",
             "sender_ip_addresses",
@@ -698,13 +846,20 @@ class _Reader:
         if name is None:
             return None
         if pattern is not None:
-            self.check_registration(
-                fields["tls_sender_certificate_name"][1], path, name, pattern, organization
+            self._registrations.append(
+                _Registration(
+                    self.path,
+                    fields["tls_sender_certificate_name"][1],
+                    path,
+                    name,
+                    pattern,
+                    organization,
+                )
             )
         self._order += 1
         return Connector(
             name=name,
-            organization=organization.name,
+            organization=organization,
             order=self._order,
             sender_ip_addresses=networks,
             certificate_pattern=pattern,
@@ -802,7 +957,7 @@ class _Reader:
             if name is None:
                 continue
             try:
-                bundle = load_certificates(os.path.join(self._base_dir, name))
+                bundle = load_certificates(os.path.join(self.base_dir, name))
             except CertificateFileError as exc:
                 self.error(item, item_path, str(exc))
                 continue
@@ -911,17 +1066,21 @@ class _Reader:
                         self.report_shared_domain(self._accepted[pair[0]], self._accepted[pair[1]])
 
     def report_shared_domain(self, entry: _AcceptedEntry, other: _AcceptedEntry) -> None:
-        """Reported at the later of the two entries (positions follow the file)."""
-        owner = self._organization_names.get(other.organization, "?")
+        """Reported at the later of the two entries (positions follow the files)."""
+        where = f"line {other.line}" if other.file == entry.file else f"{other.file}:{other.line}"
+        origin = self._origin(other.file, other.line)
+        if origin:
+            where += f", from {origin}"
         self.errors.append(
             ConfigIssue(
-                self.path,
+                entry.file,
                 entry.line,
                 entry.path,
                 f"{_describe_accepted(entry.accepted)} overlaps "
-                f"{_describe_accepted(other.accepted)} of organization {owner!r} "
-                f"(line {other.line}): a domain belongs to one organization (as in Exchange "
+                f"{_describe_accepted(other.accepted)} of organization {other.organization!r} "
+                f"({where}): a domain belongs to one organization (as in Exchange "
                 "Online); remove it from one of them",
+                self._origin(entry.file, entry.line),
             )
         )
 
@@ -979,17 +1138,101 @@ class _AcceptedEntry(NamedTuple):
     """An accepted domain as read: where it is, and whose (kept small: there may be 100,000)."""
 
     accepted: AcceptedDomain
+    file: str
     line: int
-    #: Index of the organization in the file, and of the entry in its accepted_domains.
-    organization: int
-    item: int
+    organization: str
+    item_path: str
     #: Written as a mapping {domain: ...}: the error points at its "domain" key.
     mapping: bool
 
     @property
     def path(self) -> str:
-        suffix = ".domain" if self.mapping else ""
-        return f"organizations[{self.organization}].accepted_domains[{self.item}]{suffix}"
+        return self.item_path + (".domain" if self.mapping else "")
+
+
+class _Registration(NamedTuple):
+    """A certificate connector's name, to check against its organization's merged domains."""
+
+    file: str
+    node: Node
+    path: str
+    connector: str
+    pattern: CertificatePattern
+    organization: str
+
+
+@dataclass
+class _OrganizationParts:
+    """An organization as one file gives it; the config file's and the snapshot's are merged."""
+
+    name: Optional[str]
+    file: str
+    path: str
+    node: Node
+    domains: List[AcceptedDomain]
+    connectors: List[Connector]
+    mode: Optional[str]
+    mode_node: Optional[Node]
+
+    def absorb(self, other: _OrganizationParts, reader: _Reader) -> None:
+        """Add what the snapshot says of an organization the config file has too."""
+        known = {domain.domain for domain in self.domains}
+        self.domains.extend(d for d in other.domains if d.domain not in known)
+        names = {connector.name for connector in self.connectors}
+        for connector in other.connectors:
+            if connector.name in names:
+                reader.error(
+                    other.node,
+                    other.path + ".connectors",
+                    f"connector {connector.name!r} of organization {self.name!r} is in "
+                    f"{self.file} too; a connector must come from one place",
+                )
+            self.connectors.append(connector)
+        if other.mode is not None and self.mode is not None and other.mode != self.mode:
+            reader.error(
+                other.mode_node,
+                other.path + ".mode",
+                f"organization {self.name!r} has mode {self.mode} in {self.file}",
+            )
+        self.mode = self.mode or other.mode
+
+    def build(self, reader: _Reader) -> Optional[Organization]:
+        assert self.name is not None
+        if not self.domains:
+            reader.error(
+                self.node,
+                self.path + ".accepted_domains",
+                f"organization {self.name!r} has no accepted domains"
+                + (" (in the config file or the snapshot)" if reader.has_sources else ""),
+            )
+            return None
+        if not self.connectors:
+            reader.warn(
+                self.node,
+                self.path + ".connectors",
+                f"organization {self.name!r} has no connectors: nothing is attributed to it",
+            )
+        return Organization(self.name, tuple(self.domains), tuple(self.connectors), self.mode)
+
+
+#: A snapshot of 100,000 domains with an origin comment each is about 8 MB.
+SNAPSHOT_FILE_LIMIT = 256 * 1024 * 1024
+
+
+def _read_snapshot_file(path: str) -> Tuple[str, Tuple[int, int, int, int]]:
+    """The snapshot's text, and the identity of the very file it came from.
+
+    Stat before and after: if sync replaced the file while it was read, read
+    the new one, so that the identity never belongs to another text.
+    """
+    for _attempt in range(5):
+        before = os.stat(path)
+        text = _read_text(path, SNAPSHOT_FILE_LIMIT, "the snapshot")
+        after = os.stat(path)
+        stat = (after.st_dev, after.st_ino, after.st_size, after.st_mtime_ns)
+        if (before.st_dev, before.st_ino, before.st_size, before.st_mtime_ns) == stat:
+            return text, stat
+    return text, stat
 
 
 def _describe_accepted(accepted: AcceptedDomain) -> str:

@@ -42,7 +42,9 @@ from .listener import SocketFile, StartError, check_inet_bind, libmilter_open, o
 from .milter import RelayMilter
 from .model import Config
 from .notify import ServiceNotifier, milter_address
+from .snapshotwatch import SnapshotWatch
 from .socketspec import SocketSpec, SocketSpecError, parse_socket_spec
+from .syncstatus import load_status, status_line
 
 if TYPE_CHECKING:  # imported only with a metrics: section (prometheus_client)
     from .metrics import MetricsService
@@ -71,10 +73,16 @@ class Daemon:
         self._socket_file: Optional[SocketFile] = None
         self._reloads = ReloadWorker(self.reload)
         self.metrics: Optional[MetricsService] = None
+        self._watch = SnapshotWatch(
+            lambda: RelayMilter.current_config, self._reloads.request, _set_stale
+        )
 
     def status(self) -> str:
         config = RelayMilter.current_config
-        return f"{config.summary()}; {RelayMilter.counter.describe()}"
+        text = f"{config.summary()}; {RelayMilter.counter.describe()}"
+        if config.sources is not None:
+            text += f"; {status_line(config.sources, load_status(config.sources.status))}"
+        return text
 
     def run(self) -> int:
         config = self._load_initial()
@@ -134,6 +142,7 @@ class Daemon:
         self.notifier.ready()
         self.notifier.start_watchdog()
         self._reloads.start()
+        self._watch.start()
         threading.Thread(target=self._signal_loop, name="signals", daemon=True).start()
         self.serving.set()
         try:
@@ -143,6 +152,7 @@ class Daemon:
             return EXIT_FAILURE
         finally:
             self.serving.clear()
+            self._watch.stop()
             self.notifier.stopping()
         logger.info("stopped: %s", RelayMilter.counter.describe())
         return EXIT_OK
@@ -235,6 +245,7 @@ class Daemon:
         logger.info(
             "reload: loaded %s: %s (config %s)", self.config_path, config.summary(), config.identity
         )
+        self._watch.check()
         self._count_reload(config)
         return True
 
@@ -296,6 +307,10 @@ class ReloadWorker:
             finally:
                 with self._changed:
                     self._running = False
+
+
+def _set_stale(stale: bool) -> None:
+    RelayMilter.snapshot_stale = stale
 
 
 def _register_callbacks() -> None:

@@ -19,7 +19,7 @@ import Milter
 from .domains import strip_envelope
 from .journal import FIELDS_ATTR
 from .logfmt import log_fields, quote
-from .model import ON_ERROR_TEMPFAIL, TEMPFAIL_REPLY, Config, Reply
+from .model import ON_ERROR_TEMPFAIL, STALE_SNAPSHOT_REPLY, TEMPFAIL_REPLY, Config, Reply
 from .networks import IPAddress, parse_client_address
 from .policy import REFUSING_ACTIONS, Decision, Transaction
 from .record import DecisionRecord, QuotedRecord, certificate_fields
@@ -109,6 +109,8 @@ class RelayMilter(Milter.Base):  # type: ignore[misc]
     counter = DecisionCounter()
     #: Prometheus metrics (relaymilter.metrics), when the config has ``metrics:``.
     metrics: Optional[Metrics] = None
+    #: The snapshot is older than max_snapshot_age (relaymilter.snapshotwatch).
+    snapshot_stale = False
 
     def __init__(self) -> None:
         # Captured once: a reload never changes a connection halfway through.
@@ -185,6 +187,8 @@ class RelayMilter(Milter.Base):  # type: ignore[misc]
         return answer
 
     def _envrcpt(self, to: str, metrics: Optional[Metrics] = None) -> int:
+        if RelayMilter.snapshot_stale:
+            return self._stale_snapshot(to)
         try:
             if self.failed_in is not None:
                 raise RuntimeError(f"earlier failure in {self.failed_in}")
@@ -269,6 +273,35 @@ class RelayMilter(Milter.Base):  # type: ignore[misc]
             self.setreply(TEMPFAIL_REPLY.code, TEMPFAIL_REPLY.status, TEMPFAIL_REPLY.text)
         except Exception:
             logger.error("conn=%d setreply failed", self.connection_id, exc_info=True)
+        return TEMPFAIL
+
+    def _stale_snapshot(self, recipient: str) -> int:
+        """No decision on data older than max_snapshot_age: the client retries later."""
+        try:
+            queue_id = self._queue_id()
+            if self.client_address is None:
+                self._client_from_macro()
+            logger.warning(
+                "conn=%d queue_id=%s client=%s to=%s tempfail: the snapshot is older than "
+                "max_snapshot_age; answering %s",
+                self.connection_id,
+                quote(queue_id),
+                self.client_label,
+                quote(f"<{strip_envelope(recipient)}>"),
+                STALE_SNAPSHOT_REPLY,
+                extra=log_fields(
+                    action="tempfail",
+                    reason="stale-snapshot",
+                    queue_id=queue_id,
+                    client_address=self.client_label,
+                ),
+            )
+            if RelayMilter.metrics is not None:
+                _observe(RelayMilter.metrics.tempfail)
+            reply = STALE_SNAPSHOT_REPLY
+            self.setreply(reply.code, reply.status, reply.text)
+        except Exception:
+            logger.error("conn=%d stale-snapshot reply failed", self.connection_id, exc_info=True)
         return TEMPFAIL
 
     def _transaction_record(self) -> DecisionRecord:

@@ -12,6 +12,7 @@ from typing import Dict, FrozenSet, List, Optional, Tuple
 from .certfiles import CertificateFile
 from .certnames import CertificateNameIndex, CertificatePattern
 from .networks import IPAddress, IPNetwork, NetworkTable
+from .sources.settings import SourcesSettings
 from .tlsidentity import PresentedCertificate
 
 MODE_ENFORCE = "enforce"
@@ -53,6 +54,23 @@ SOFT_REJECT_CODE = "451"
 SOFT_REJECT_STATUS = "4.7.64"
 
 TEMPFAIL_REPLY = Reply("451", "4.3.0", "relaymilter: internal error, please try again later")
+#: Past max_snapshot_age: no decision on stale data (as Postfix answers a table that is down).
+STALE_SNAPSHOT_REPLY = Reply(
+    "451", "4.3.0", "relaymilter: organization data is out of date, please try again later"
+)
+
+
+@dataclass(frozen=True)
+class SnapshotFile:
+    """The snapshot file a config was loaded with."""
+
+    path: str
+    #: (device, inode, size, mtime in ns) when it was read: a new sync changes them.
+    stat: Tuple[int, int, int, int]
+    #: A hash of its text, to tell a rewritten snapshot from a refreshed one.
+    digest: str
+    #: When it was written or last confirmed by a sync (its modification time).
+    synced_at: float
 
 
 @dataclass(frozen=True)
@@ -218,6 +236,10 @@ class Config:
     identity: str = "-"
     #: The ``metrics:`` section; None without it (nothing listens, nothing is written).
     metrics: Optional[MetricsSettings] = None
+    #: The ``sources:`` section; None without it (the config file is all there is).
+    sources: Optional[SourcesSettings] = None
+    #: The snapshot as loaded: its file's identity, to notice when sync replaces it.
+    snapshot: Optional[SnapshotFile] = None
     ip_connectors: NetworkTable[Attribution] = field(
         default_factory=NetworkTable, repr=False, compare=False
     )

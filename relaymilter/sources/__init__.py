@@ -20,7 +20,7 @@ SECRET_FILE_LIMIT = 4096
 
 
 class SourceError(Exception):
-    """A source could not be read, or returned something unusable; the message says why and where."""
+    """A source could not be read or returned something unusable; the message says why, where."""
 
 
 @dataclass

@@ -1,0 +1,222 @@
+"""The snapshot: the organizations the sources gave, as a YAML file the config validation reads.
+
+``relaymilter sync`` renders what the sources returned in the very shape of the
+config file's ``organizations:`` list, so the snapshot goes through the same
+validation as the YAML file (there is no second model), and the daemon decides
+from it without ever asking a source. Every item is preceded by a comment
+naming its origin (an LDAP DN, a row, a fragment's file and line); a
+validation error inside the snapshot quotes it.
+
+Each item is written as JSON, which YAML reads as a flow collection: one item
+per line, with every string quoted, whatever characters a source sends.
+"""
+
+from __future__ import annotations
+
+import bisect
+import json
+from dataclasses import dataclass, field
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+
+import yaml
+
+from .sources import SourceError, SourceItem, SourceOrganization
+
+HEADER = (
+    '# relaymilter snapshot, written by "relaymilter sync" from the sources in the config\'s\n'
+    '# "sources:" section. Do not edit it: the next sync replaces it. Each item\'s origin\n'
+    "# is in the comment above it.\n"
+)
+_ORIGIN = "# origin: "
+_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+#: How many names of each kind a change summary keeps per organization.
+CHANGE_EXAMPLES = 20
+
+
+def render(organizations: Sequence[SourceOrganization]) -> str:
+    """The snapshot's text. Deterministic: the same organizations give the same bytes."""
+    lines = [HEADER, "organizations:\n" if organizations else "organizations: []\n"]
+    for organization in organizations:
+        lines.append(_origin_line(organization.origin, ""))
+        lines.append(f"- name: {_scalar(organization.name, organization.origin)}\n")
+        if organization.mode is not None:
+            lines.append(f"  mode: {_scalar(organization.mode, organization.origin)}\n")
+        _render_items(lines, "accepted_domains", organization.accepted_domains)
+        _render_items(lines, "connectors", organization.connectors)
+    return "".join(lines)
+
+
+def _render_items(lines: List[str], key: str, items: Sequence[SourceItem]) -> None:
+    if not items:
+        lines.append(f"  {key}: []\n")
+        return
+    lines.append(f"  {key}:\n")
+    previous = None
+    for item in items:
+        if item.origin != previous:
+            lines.append(_origin_line(item.origin, "  "))
+            previous = item.origin
+        lines.append(f"  - {_scalar(item.value, item.origin)}\n")
+
+
+def _origin_line(origin: str, indent: str) -> str:
+    printable = "".join(c if c.isprintable() else repr(c)[1:-1] for c in origin)
+    return f"{indent}{_ORIGIN}{printable}\n"
+
+
+def _scalar(value: Any, origin: str) -> str:
+    try:
+        return json.dumps(value, ensure_ascii=True, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise SourceError(f"{origin}: cannot be written to the snapshot: {exc}") from None
+
+
+def origins(text: str) -> OriginIndex:
+    """Where each item of a snapshot came from, by line (for error messages)."""
+    starts: List[int] = []
+    names: List[str] = []
+    for number, line in enumerate(text.splitlines(), 1):
+        stripped = line.lstrip()
+        if stripped.startswith(_ORIGIN):
+            starts.append(number)
+            names.append(stripped[len(_ORIGIN) :])
+    return OriginIndex(starts, names)
+
+
+@dataclass
+class OriginIndex:
+    starts: List[int]
+    names: List[str]
+
+    def at(self, line: Optional[int]) -> Optional[str]:
+        """The origin of the item on ``line``: the nearest origin comment above it."""
+        if line is None:
+            return None
+        position = bisect.bisect_left(self.starts, line) - 1
+        return self.names[position] if position >= 0 else None
+
+
+# -- what a sync changes ------------------------------------------------------
+
+
+@dataclass
+class OrganizationContent:
+    """An organization of a snapshot, reduced to what a change summary compares."""
+
+    domains: Dict[str, None] = field(default_factory=dict)
+    #: Connector name → its settings, serialized for comparison.
+    connectors: Dict[str, str] = field(default_factory=dict)
+
+
+Content = Dict[str, OrganizationContent]
+
+
+def content_of_text(text: str) -> Content:
+    """The organizations of a snapshot's text (one that sync wrote, so well-formed)."""
+    data = yaml.load(text, Loader=_LOADER) or {}
+    items = (data.get("organizations") or []) if isinstance(data, dict) else []
+    return _content(
+        (str(o.get("name")), o.get("accepted_domains") or [], o.get("connectors") or [])
+        for o in items
+        if isinstance(o, dict)
+    )
+
+
+def content_of_sources(organizations: Sequence[SourceOrganization]) -> Content:
+    return _content(
+        (
+            o.name,
+            [item.value for item in o.accepted_domains],
+            [item.value for item in o.connectors],
+        )
+        for o in organizations
+    )
+
+
+def _content(organizations: Iterable[Tuple[str, Sequence[Any], Sequence[Any]]]) -> Content:
+    content: Content = {}
+    for name, domains, connectors in organizations:
+        entry = content.setdefault(name, OrganizationContent())
+        for domain in domains:
+            entry.domains[domain_key(domain)] = None
+        for connector in connectors:
+            if isinstance(connector, dict):
+                key = str(connector.get("name"))
+                entry.connectors[key] = json.dumps(connector, sort_keys=True, default=str)
+    return content
+
+
+def domain_key(value: Any) -> str:
+    """An accepted domain as a change summary names it: ``*.example.com`` with match_subdomains."""
+    if isinstance(value, dict):
+        domain = str(value.get("domain", "")).lower().rstrip(".")
+        return f"*.{domain}" if value.get("match_subdomains") is True else domain
+    return str(value).lower().rstrip(".")
+
+
+def domain_count(content: Content) -> int:
+    return sum(len(entry.domains) for entry in content.values())
+
+
+@dataclass
+class OrganizationChange:
+    domains_added: List[str] = field(default_factory=list)
+    domains_removed: List[str] = field(default_factory=list)
+    connectors_added: List[str] = field(default_factory=list)
+    connectors_removed: List[str] = field(default_factory=list)
+    connectors_changed: List[str] = field(default_factory=list)
+
+    def counts(self) -> Dict[str, int]:
+        return {name: len(values) for name, values in self.__dict__.items()}
+
+    def describe(self) -> str:
+        parts = []
+        for label, values in (
+            ("domains added", self.domains_added),
+            ("domains removed", self.domains_removed),
+            ("connectors added", self.connectors_added),
+            ("connectors removed", self.connectors_removed),
+            ("connectors changed", self.connectors_changed),
+        ):
+            if values:
+                shown = ", ".join(values[:CHANGE_EXAMPLES])
+                more = (
+                    f" and {len(values) - CHANGE_EXAMPLES} more"
+                    if len(values) > CHANGE_EXAMPLES
+                    else ""
+                )
+                parts.append(f"{len(values)} {label} ({shown}{more})")
+        return "; ".join(parts)
+
+    def as_json(self) -> Dict[str, Any]:
+        summary: Dict[str, Any] = {}
+        for name, values in self.__dict__.items():
+            if values:
+                summary[name] = {"count": len(values), "examples": values[:CHANGE_EXAMPLES]}
+        return summary
+
+
+def changes(old: Content, new: Content) -> Dict[str, OrganizationChange]:
+    """What a sync changes, per organization (only organizations that change)."""
+    result: Dict[str, OrganizationChange] = {}
+    for name in list(old) + [n for n in new if n not in old]:
+        before = old.get(name, OrganizationContent())
+        after = new.get(name, OrganizationContent())
+        change = OrganizationChange(
+            domains_added=[d for d in after.domains if d not in before.domains],
+            domains_removed=[d for d in before.domains if d not in after.domains],
+            connectors_added=[c for c in after.connectors if c not in before.connectors],
+            connectors_removed=[c for c in before.connectors if c not in after.connectors],
+            connectors_changed=[
+                c
+                for c, settings in after.connectors.items()
+                if c in before.connectors and before.connectors[c] != settings
+            ],
+        )
+        if any(change.counts().values()):
+            result[name] = change
+    return result
+
+
+def removed_domains(change_set: Mapping[str, OrganizationChange]) -> int:
+    return sum(len(change.domains_removed) for change in change_set.values())

@@ -1,0 +1,365 @@
+"""``relaymilter sync``: fetch every source, validate the result as the config, write the snapshot.
+
+All or nothing: a source that fails, a result that does not validate, or one
+that would remove more than ``max_removed_domains`` of the snapshot's domains
+leaves the last good snapshot in place, records why in the status file, and
+exits non-zero. When every source answered, the snapshot is written (atomic
+rename, the config file's owner, group and mode) or, if nothing changed, its
+modification time is refreshed: that time is the snapshot's age. The daemon
+notices the new file (it checks every few seconds) and reloads it; sync needs
+no right over the daemon, and the daemon never reads a source's credentials.
+
+Exit status: 0 done (or, with --dry-run, shown), 1 a source failed or its
+result was refused, 75 another sync holds the lock, 78 the config is unusable.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import importlib
+import json
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from typing import IO, Any, Dict, Iterator, List, Optional, Sequence, Tuple
+
+from . import snapshot
+from .config import (
+    SNAPSHOT_FILE_LIMIT,
+    ConfigError,
+    SnapshotText,
+    load_config,
+    load_sources_settings,
+)
+from .safefile import UnsafeFileError, read_regular_file
+from .sources import SourceError, SourceOrganization, SourceResult
+from .sources.settings import Source, SourcesSettings
+from .syncstatus import STATUS_VERSION, Status, describe_status, load_status, snapshot_freshness
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_BUSY = 75  # sysexits.h EX_TEMPFAIL
+EXIT_CONFIG = 78  # sysexits.h EX_CONFIG
+
+_FETCHERS = {"ldap": "relaymilter.sources.ldap", "postgresql": "relaymilter.sources.postgresql"}
+_FETCHERS["files"] = "relaymilter.sources.files"
+
+
+class SyncRefused(Exception):
+    """The sources' result is not used; the message says why."""
+
+
+@dataclass
+class Fetched:
+    source: Source
+    result: Optional[SourceResult]
+    error: Optional[str]
+    seconds: float
+
+
+def fetch(source: Source) -> SourceResult:
+    """One source's organizations; the source's library is imported only here."""
+    module = importlib.import_module(_FETCHERS[source.kind])
+    result: SourceResult = module.fetch(source)
+    return result
+
+
+def merge(results: Sequence[SourceResult]) -> List[SourceOrganization]:
+    """One organization per name, its items in source order."""
+    merged: Dict[str, SourceOrganization] = {}
+    for result in results:
+        for organization in result.organizations:
+            found = merged.get(organization.name)
+            if found is None:
+                merged[organization.name] = SourceOrganization(
+                    organization.name,
+                    organization.origin,
+                    list(organization.accepted_domains),
+                    list(organization.connectors),
+                    organization.mode,
+                )
+                continue
+            found.accepted_domains.extend(organization.accepted_domains)
+            found.connectors.extend(organization.connectors)
+            if organization.mode is not None and found.mode not in (None, organization.mode):
+                raise SyncRefused(
+                    f"organization {organization.name!r}: mode {organization.mode} "
+                    f"({organization.origin}) and {found.mode} ({found.origin})"
+                )
+            found.mode = found.mode or organization.mode
+    return list(merged.values())
+
+
+class Sync:
+    def __init__(
+        self,
+        config_path: str,
+        settings: SourcesSettings,
+        out: IO[str],
+        err: IO[str],
+        force: bool = False,
+    ) -> None:
+        self.config_path = config_path
+        self.settings = settings
+        self.out = out
+        self.err = err
+        self.force = force
+        self.status: Status = load_status(settings.status)
+        self.now = time.time()
+
+    def fetch_all(self) -> List[Fetched]:
+        fetched = []
+        for source in self.settings.sources:
+            started = time.monotonic()
+            try:
+                result, error = fetch(source), None
+            except SourceError as exc:
+                result, error = None, str(exc)
+            except Exception as exc:  # a bug must not look like a source's answer
+                result, error = None, f"internal error: {type(exc).__name__}: {exc}"
+            fetched.append(Fetched(source, result, error, time.monotonic() - started))
+        return fetched
+
+    def check_emptied(self, fetched: Sequence[Fetched]) -> None:
+        """A source that returns nothing after returning something is refused (unless --force)."""
+        if self.force:
+            return
+        sources = self.status.get("sources") or {}
+        for item in fetched:
+            before = (sources.get(item.source.name) or {}).get("organizations", 0)
+            if item.result is not None and not item.result.organizations and before:
+                item.error = (
+                    f"{item.source.kind} {item.source.name!r} returned nothing, after "
+                    f"{before} organizations last time; check its base, filter, query or "
+                    "permissions (relaymilter sync --force takes an empty result)"
+                )
+
+    def candidate(self, fetched: Sequence[Fetched]) -> Tuple[str, List[SourceOrganization]]:
+        """The new snapshot's text, validated with the config file exactly as check-config does."""
+        organizations = merge([item.result for item in fetched if item.result is not None])
+        text = snapshot.render(organizations)
+        label = f"{self.settings.snapshot} (new)"
+        try:
+            load_config(self.config_path, SnapshotText(text, label))
+        except ConfigError as exc:
+            raise SyncRefused(
+                f"the sources' organizations are not valid ({len(exc.issues)} error(s)):\n{exc}"
+            ) from None
+        return text, organizations
+
+    def check_removals(self, change: Dict[str, snapshot.OrganizationChange], old: int) -> None:
+        removed = snapshot.removed_domains(change)
+        share = self.settings.max_removed_domains
+        if self.force or not old or removed / old <= share:
+            return
+        raise SyncRefused(
+            f"the sources' result would remove {removed} of the snapshot's {old} domains "
+            f"({removed / old:.0%}), more than max_removed_domains ({share:.0%}); if that is "
+            "intended, run relaymilter sync --force"
+        )
+
+
+def run(config_path: str, dry_run: bool, force: bool, out: IO[str], err: IO[str]) -> int:
+    try:
+        settings, warnings = load_sources_settings(config_path)
+    except ConfigError as exc:
+        err.write(f"relaymilter sync: {len(exc.issues)} error(s) in {config_path}:\n{exc}\n")
+        return EXIT_CONFIG
+    if settings is None:
+        err.write(f"relaymilter sync: {config_path} has no sources: section; nothing to sync\n")
+        return EXIT_CONFIG
+    for warning in warnings:
+        err.write(f"warning: {warning}\n")
+    try:
+        with _lock(settings.status, dry_run):
+            return _run_locked(Sync(config_path, settings, out, err, force), dry_run)
+    except BlockingIOError:
+        err.write(
+            f"relaymilter sync: another sync is running (it holds {settings.status}.lock); "
+            "this one did nothing\n"
+        )
+        return EXIT_BUSY
+    except OSError as exc:
+        err.write(f"relaymilter sync: {exc}\n")
+        return EXIT_FAILED
+
+
+def _run_locked(sync: Sync, dry_run: bool) -> int:
+    fetched = sync.fetch_all()
+    sync.check_emptied(fetched)
+    failed = [item for item in fetched if item.error is not None]
+    old_text = _old_snapshot(sync.settings.snapshot)
+    try:
+        if failed:
+            raise SyncRefused("; ".join(str(item.error) for item in failed))
+        text, organizations = sync.candidate(fetched)
+        old = snapshot.content_of_text(old_text) if old_text else {}
+        change = snapshot.changes(old, snapshot.content_of_sources(organizations))
+        sync.check_removals(change, snapshot.domain_count(old))
+    except SyncRefused as exc:
+        sync.err.write(f"relaymilter sync: failed, the snapshot is unchanged: {exc}\n")
+        if not dry_run:
+            _write_status(sync, fetched, str(exc), None, None)
+        return EXIT_FAILED
+    _report(sync, fetched, change, text == old_text, dry_run)
+    if dry_run:
+        return EXIT_OK
+    if text == old_text:
+        os.utime(sync.settings.snapshot)
+    else:
+        write_like(sync.settings.snapshot, text.encode("utf-8"), sync.config_path)
+    _write_status(sync, fetched, None, change if text != old_text else None, old_text is None)
+    return EXIT_OK
+
+
+def _old_snapshot(path: str) -> Optional[str]:
+    try:
+        return read_regular_file(path, SNAPSHOT_FILE_LIMIT, "the snapshot").decode("utf-8")
+    except UnsafeFileError as exc:
+        if exc.errno == errno.ENOENT:
+            return None
+        raise
+    except UnicodeDecodeError:
+        return ""  # replaced by a good one; counts as empty for the guard
+
+
+def _report(
+    sync: Sync,
+    fetched: Sequence[Fetched],
+    change: Dict[str, snapshot.OrganizationChange],
+    unchanged: bool,
+    dry_run: bool,
+) -> None:
+    for item in fetched:
+        assert item.result is not None
+        sync.out.write(
+            f"{item.source.kind} {item.source.name!r}: {item.result.records} records, "
+            f"{len(item.result.organizations)} organizations in {item.seconds:.2f} s "
+            f"({item.result.detail})\n"
+        )
+    verb = "would change" if dry_run else "changed"
+    if unchanged or not change:
+        sync.out.write("the snapshot is unchanged" + ("" if dry_run else " (refreshed)") + "\n")
+    for name, organization_change in change.items():
+        sync.out.write(f"{verb} {name}: {organization_change.describe()}\n")
+    if not dry_run and not unchanged:
+        sync.out.write(f"wrote {sync.settings.snapshot}; the daemon reloads it within seconds\n")
+
+
+def _write_status(
+    sync: Sync,
+    fetched: Sequence[Fetched],
+    error: Optional[str],
+    change: Optional[Dict[str, snapshot.OrganizationChange]],
+    first: Optional[bool],
+) -> None:
+    status = sync.status
+    sources = status.get("sources") if isinstance(status.get("sources"), dict) else {}
+    assert isinstance(sources, dict)
+    configured = {source.name for source in sync.settings.sources}
+    status["sources"] = sources = {k: v for k, v in sources.items() if k in configured}
+    for item in fetched:
+        entry = sources.setdefault(item.source.name, {})
+        entry.update(kind=item.source.kind, last_attempt=sync.now, last_error=item.error)
+        if item.result is not None and error is None:
+            entry.update(_source_counts(item))
+            entry["last_success"] = sync.now
+    status.update(
+        version=STATUS_VERSION,
+        config=sync.config_path,
+        snapshot=sync.settings.snapshot,
+        last_attempt=sync.now,
+        last_error=error,
+    )
+    if error is None:
+        status["last_success"] = sync.now
+    if change is not None:
+        status["last_change"] = {
+            "at": sync.now,
+            "first": bool(first),
+            "organizations": {name: c.as_json() for name, c in change.items()},
+        }
+    data = json.dumps(status, indent=1, sort_keys=True, ensure_ascii=True) + "\n"
+    try:
+        write_like(sync.settings.status, data.encode("ascii"), sync.config_path)
+    except OSError as exc:
+        sync.err.write(f"relaymilter sync: cannot write the status {sync.settings.status}: {exc}\n")
+
+
+def _source_counts(item: Fetched) -> Dict[str, Any]:
+    assert item.result is not None
+    organizations = item.result.organizations
+    return {
+        "records": item.result.records,
+        "seconds": round(item.seconds, 3),
+        "detail": item.result.detail,
+        "organizations": len(organizations),
+        "domains": sum(len(o.accepted_domains) for o in organizations),
+        "connectors": sum(len(o.connectors) for o in organizations),
+    }
+
+
+def write_like(path: str, data: bytes, like: str) -> None:
+    """Replace ``path`` atomically with ``data``, with the owner, group and mode of ``like``.
+
+    Written to a temporary file in the same directory, flushed to disk, then
+    renamed over the old file: a reader sees the old file or the new one,
+    never a part, and a crash leaves the old one.
+    """
+    directory = os.path.dirname(os.path.abspath(path))
+    reference = os.stat(like)
+    handle, temporary = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.")
+    try:
+        with os.fdopen(handle, "wb") as stream:
+            stream.write(data)
+            stream.flush()
+            if (reference.st_uid, reference.st_gid) != (os.geteuid(), os.getegid()):
+                os.fchown(stream.fileno(), reference.st_uid, reference.st_gid)
+            os.fchmod(stream.fileno(), reference.st_mode & 0o777)
+            os.fsync(stream.fileno())
+        os.rename(temporary, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temporary)
+        raise
+    directory_handle = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(directory_handle)
+    finally:
+        os.close(directory_handle)
+
+
+@contextlib.contextmanager
+def _lock(status_path: str, dry_run: bool) -> Iterator[None]:
+    """One sync at a time (a timer's and an admin's): the second one stops at once."""
+    if dry_run:
+        yield  # a dry run writes nothing
+        return
+    os.makedirs(os.path.dirname(os.path.abspath(status_path)), exist_ok=True)
+    with open(status_path + ".lock", "a") as lock:
+        fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        yield
+
+
+def show_status(config_path: str, as_json: bool, out: IO[str], err: IO[str]) -> int:
+    """Exit 0 if the last sync succeeded and the snapshot is not stale, else 1."""
+    try:
+        settings, _warnings = load_sources_settings(config_path)
+    except ConfigError as exc:
+        err.write(f"relaymilter sync: {len(exc.issues)} error(s) in {config_path}:\n{exc}\n")
+        return EXIT_CONFIG
+    if settings is None:
+        err.write(f"relaymilter sync: {config_path} has no sources: section\n")
+        return EXIT_CONFIG
+    status = load_status(settings.status)
+    freshness = snapshot_freshness(settings)
+    if as_json:
+        document = dict(status, snapshot_age=freshness.age, stale=freshness.stale)
+        out.write(json.dumps(document, indent=1, sort_keys=True, ensure_ascii=True) + "\n")
+    else:
+        out.write(describe_status(settings, status) + "\n")
+    healthy = bool(status) and not status.get("last_error") and not freshness.stale
+    return EXIT_OK if healthy else EXIT_FAILED
