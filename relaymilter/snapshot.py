@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import bisect
 import json
+import math
+import re
 from dataclasses import dataclass, field
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
@@ -66,9 +68,51 @@ def _origin_line(origin: str, indent: str) -> str:
 
 def _scalar(value: Any, origin: str) -> str:
     try:
-        return json.dumps(value, ensure_ascii=True, allow_nan=False)
-    except (TypeError, ValueError) as exc:
+        return _flow(value)
+    except ValueError as exc:
         raise SourceError(f"{origin}: cannot be written to the snapshot: {exc}") from None
+
+
+def _flow(value: Any) -> str:
+    """A YAML flow value on one line, every string double-quoted and escaped."""
+    if isinstance(value, str):
+        return _quote(value)
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if value is None:
+        return "null"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float) and math.isfinite(value):
+        return repr(value)
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{_quote(str(k))}: {_flow(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_flow(v) for v in value) + "]"
+    raise ValueError(f"a {type(value).__name__} is not a string, number, list or mapping")
+
+
+def _quote(text: str) -> str:
+    """Printable ASCII as it is, anything else as a YAML escape: one line, no look-alikes."""
+    if _PLAIN.fullmatch(text):
+        return f'"{text}"'
+    return '"' + "".join(_escape(char) for char in text) + '"'
+
+
+def _escape(char: str) -> str:
+    if char in '"\\':
+        return "\\" + char
+    if " " <= char <= "~":
+        return char
+    code = ord(char)
+    if 0xD800 <= code <= 0xDFFF:
+        raise ValueError(f"{char!r} is not a character (undecodable input)")
+    if code <= 0xFF:
+        return f"\\x{code:02x}"
+    return f"\\u{code:04x}" if code <= 0xFFFF else f"\\U{code:08x}"
+
+
+_PLAIN = re.compile(r"[ !#-\[\]-~]*")
 
 
 def origins(text: str) -> OriginIndex:
