@@ -47,7 +47,7 @@ from .socketspec import SocketSpec, SocketSpecError, parse_socket_spec
 from .syncstatus import load_status, status_line
 
 if TYPE_CHECKING:  # imported only with a metrics: section (prometheus_client)
-    from .metrics import MetricsService
+    from .metrics import MetricsService, SnapshotView
 
 logger = logging.getLogger("relaymilter")
 
@@ -128,7 +128,14 @@ class Daemon:
             raise StartError(str(exc)) from None
         self.metrics = service
         RelayMilter.metrics = service.metrics
+        service.metrics.sync.watch(self._snapshot_view)
         logger.info("metrics: serving %s", service.describe())
+
+    def _snapshot_view(self) -> SnapshotView:
+        from .metrics import SnapshotView
+
+        config = RelayMilter.current_config
+        return SnapshotView(config.sources, self._watch.synced_at(), self._watch.stale)
 
     def _serve(self, config: Config) -> int:
         self.notifier = ServiceNotifier(self.socket, self.status)

@@ -27,15 +27,19 @@ import socket
 import socketserver
 import tempfile
 import threading
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, NamedTuple, Optional, Tuple
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.exposition import choose_encoder, generate_latest
 from prometheus_client.process_collector import ProcessCollector
+from prometheus_client.registry import Collector
 
 from . import __version__
 from .model import Attribution, Config, MetricsSettings
 from .policy import Decision
+from .sources.settings import SourcesSettings
+from .syncstatus import load_status
 
 logger = logging.getLogger("relaymilter")
 
@@ -103,6 +107,11 @@ class Metrics:
             "Recipients answered 451 4.3.0 after an internal error (on_error: tempfail).",
             registry=registry,
         )
+        self.stale_snapshot_answers = Counter(
+            "relaymilter_stale_snapshot_answers",
+            "Recipients answered 451 4.3.0 because the snapshot was older than max_snapshot_age.",
+            registry=registry,
+        )
         self.rcpt_latency = Histogram(
             "relaymilter_rcpt_decision_duration_seconds",
             "Time in the RCPT TO callback, from its entry to its return.",
@@ -163,6 +172,8 @@ class Metrics:
         # Bound methods of the unlabelled children: one attribute look-up less per call.
         self.rcpt_seconds: Callable[[float], None] = self.rcpt_latency.observe
         self.tempfail: Callable[[], None] = self.tempfail_answers.inc
+        self.stale_snapshot: Callable[[], None] = self.stale_snapshot_answers.inc
+        self.sync = SyncCollector(registry)
 
     # -- the milter's hooks (hot path) ---------------------------------------
 
@@ -221,6 +232,77 @@ class Metrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class SyncCollector(Collector):
+    """The snapshot's age and each source's last sync, read when scraped.
+
+    From the daemon's own view of the snapshot in use, and from sync's status
+    file (a few kilobytes): nothing is kept up to date between scrapes.
+    """
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self._view: Optional[Callable[[], SnapshotView]] = None
+        registry.register(self)
+
+    def watch(self, view: Callable[[], SnapshotView]) -> None:
+        self._view = view
+
+    def describe(self) -> List[Metric]:
+        return []  # the families depend on the config: no fixed description
+
+    def collect(self) -> Iterator[Metric]:
+        view = self._view() if self._view is not None else None
+        if view is None or view.settings is None:
+            return
+        synced = GaugeMetricFamily(
+            "relaymilter_snapshot_synced_timestamp_seconds",
+            "When the snapshot in use was written or last confirmed by relaymilter sync.",
+        )
+        if view.synced_at is not None:
+            synced.add_metric([], view.synced_at)
+        yield synced
+        yield GaugeMetricFamily(
+            "relaymilter_snapshot_stale",
+            "1 while the snapshot is older than max_snapshot_age (recipients get 451 4.3.0).",
+            value=1 if view.stale else 0,
+        )
+        if view.settings.max_snapshot_age is not None:
+            yield GaugeMetricFamily(
+                "relaymilter_snapshot_max_age_seconds",
+                "The configured max_snapshot_age.",
+                value=view.settings.max_snapshot_age,
+            )
+        yield from _source_families(load_status(view.settings.status))
+
+
+class SnapshotView(NamedTuple):
+    settings: Optional[SourcesSettings]
+    synced_at: Optional[float]
+    stale: bool
+
+
+def _source_families(status: Dict[str, Any]) -> Iterator[Metric]:
+    success = GaugeMetricFamily(
+        "relaymilter_sync_source_last_success_timestamp_seconds",
+        "When relaymilter sync last read this source successfully (Unix time).",
+        labels=("source", "kind"),
+    )
+    up = GaugeMetricFamily(
+        "relaymilter_sync_source_up",
+        "1 if the last relaymilter sync read this source successfully, else 0.",
+        labels=("source", "kind"),
+    )
+    sources = status.get("sources")
+    for name, source in (sources if isinstance(sources, dict) else {}).items():
+        if not isinstance(source, dict):
+            continue
+        labels = [str(name), str(source.get("kind", ""))]
+        if isinstance(source.get("last_success"), (int, float)):
+            success.add_metric(labels, float(source["last_success"]))
+        up.add_metric(labels, 0.0 if source.get("last_error") else 1.0)
+    yield success
+    yield up
 
 
 # -- the HTTP endpoint ----------------------------------------------------------

@@ -297,7 +297,7 @@ class RelayMilter(Milter.Base):  # type: ignore[misc]
                 ),
             )
             if RelayMilter.metrics is not None:
-                _observe(RelayMilter.metrics.tempfail)
+                _observe(RelayMilter.metrics.stale_snapshot)
             reply = STALE_SNAPSHOT_REPLY
             self.setreply(reply.code, reply.status, reply.text)
         except Exception:

@@ -28,6 +28,7 @@ from relaymilter.sourceconfig import conninfo_problem
 from relaymilter.sources import SourceItem, SourceOrganization
 
 from .support import ATTR36, Daemon, MilterSession, free_port, run_cli, running_daemon
+from .test_metrics import parse_samples, scrape
 
 CONFIG = """\
 socket: inet:8894@127.0.0.1
@@ -502,3 +503,30 @@ def test_a_restart_during_an_outage_decides_from_the_snapshot(site: Path) -> Non
     with running_daemon(site / "relaymilter.yml", spec, site / "daemon.log") as running:
         assert ask(running, "192.0.2.5", "<>", "<a@outside.example>") == "550 " + ATTR36
         assert ask(running, "192.0.2.5", "<x@fabrikam.com>", "<a@outside.example>") == "continue"
+
+
+def test_the_metrics_show_the_snapshot_and_the_sources(site: Path) -> None:
+    port = free_port()
+    text = CONFIG.replace("status.json\n", "status.json\n  max_snapshot_age: 1h\n")
+    (site / "relaymilter.yml").write_text(text + f"metrics: {{listen: '127.0.0.1:{port}'}}\n")
+    assert cli(site).returncode == 0
+    spec = f"inet:{free_port()}@127.0.0.1"
+    with running_daemon(site / "relaymilter.yml", spec, site / "daemon.log") as running:
+        samples = parse_samples(scrape(port))
+        synced = samples[("relaymilter_snapshot_synced_timestamp_seconds", ())]
+        assert abs(synced - (site / "relaymilter.snapshot.yml").stat().st_mtime) < 1
+        assert samples[("relaymilter_snapshot_stale", ())] == 0
+        assert samples[("relaymilter_snapshot_max_age_seconds", ())] == 3600
+        labels = (("kind", "files"), ("source", "tenants"))
+        assert samples[("relaymilter_sync_source_up", labels)] == 1
+        assert samples[("relaymilter_sync_source_last_success_timestamp_seconds", labels)] > 0
+        mark = len(running.log())
+        os.utime(site / "relaymilter.snapshot.yml", (time.time() - 7200, time.time() - 7200))
+        running.wait_for_log("past max_snapshot_age", after=mark)
+        assert ask(running, "192.0.2.5", "<>", "<a@outside.example>").startswith("451 4.3.0")
+        (site / "organizations.d" / "fabrikam.yml").write_text("organizations: [\n")
+        assert cli(site).returncode == 1
+        samples = parse_samples(scrape(port))
+        assert samples[("relaymilter_snapshot_stale", ())] == 1
+        assert samples[("relaymilter_stale_snapshot_answers_total", ())] == 1
+        assert samples[("relaymilter_sync_source_up", labels)] == 0
