@@ -201,6 +201,12 @@ def check_config(path: str) -> int:
     if config is None:
         return EXIT_ERROR
     print(f"{path}: OK: {config.summary()}")
+    if config.sources is not None:
+        from .syncstatus import load_status, status_line
+
+        sources = ", ".join(f"{s.kind} {s.name!r}" for s in config.sources.sources)
+        state = status_line(config.sources, load_status(config.sources.status))
+        print(f"sources: {sources}: {state}")
     journal = stderr_is_journal()
     for warning in config.warnings:
         if journal:

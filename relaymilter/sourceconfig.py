@@ -7,6 +7,7 @@ read its password file (the daemon's user cannot).
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 from typing import TYPE_CHECKING, Dict, List, Optional, Tuple
@@ -80,6 +81,7 @@ def read_sources(reader: _Reader, field: _Field) -> Optional[SourcesSettings]:
                 if source is not None:
                     sources.append(source)
     _check_names(reader, field[1], sources)
+    _check_libraries(reader, fields, sources)
     if not any(key in fields for key, _ in readers):
         reader.error(field[1], "sources", "lists no source (files, ldap or postgresql)")
     return SourcesSettings(snapshot, status, max_age, max_removed, tuple(sources))
@@ -97,6 +99,29 @@ def _check_names(reader: _Reader, node: Node, sources: List[Source]) -> None:
         isinstance(s, FilesSource) for s in sources
     ):
         reader.error(node, "sources.files", "the same directory is listed twice")
+
+
+#: The library each kind of source needs, and the packages that have it.
+_LIBRARIES = {
+    "ldap": ("ldap", "python-ldap (Debian and EL: python3-ldap)"),
+    "postgresql": ("psycopg", "psycopg 3 (Debian: python3-psycopg; EL 9: python3-psycopg3)"),
+}
+
+
+def _check_libraries(reader: _Reader, fields: Dict[str, _Field], sources: List[Source]) -> None:
+    """Looked up, not imported: the daemon never needs them, only relaymilter sync does."""
+    for kind in sorted({source.kind for source in sources} & set(_LIBRARIES)):
+        module, packages = _LIBRARIES[kind]
+        try:
+            found = importlib.util.find_spec(module) is not None
+        except (ImportError, ValueError):
+            found = False
+        if not found:
+            reader.warn(
+                fields[kind][0],
+                f"sources.{kind}",
+                f"relaymilter sync needs {packages}, which is not installed",
+            )
 
 
 def read_duration(reader: _Reader, node: Node, path: str) -> Optional[float]:

@@ -41,6 +41,8 @@ INSTALLED_PATHS = [
     "/usr/bin/relaymilter",
     CONF,
     UNIT,
+    "/lib/systemd/system/relaymilter-sync.service",
+    "/lib/systemd/system/relaymilter-sync.timer",
     "/usr/lib/sysusers.d/relaymilter.conf",
     "/usr/lib/python3/dist-packages/relaymilter/__init__.py",
     "/usr/share/man/man8/relaymilter.8.gz",
@@ -57,6 +59,7 @@ EXAMPLES = {
             "etc/grafana/relaymilter.json",
             "etc/systemd/relaymilter-report.service",
             "etc/systemd/relaymilter-report.timer",
+            "etc/relaymilter/postgresql-schema.sql",
         )
     },
 }
@@ -84,6 +87,9 @@ def test_package_metadata_and_contents(deb: Build) -> None:
         "publicsuffix",
     ):
         assert dependency in names, dependency
+    # Only for relaymilter sync's ldap and postgresql sources.
+    suggests = run(["dpkg-deb", "-f", str(deb.package), "Suggests"])
+    assert {"python3-ldap", "python3-psycopg"} <= {s.strip() for s in suggests.split(",")}
     assert run(["dpkg-deb", "-I", str(deb.package), "conffiles"]).split() == [CONF]
     listing = run(["dpkg-deb", "-c", str(deb.package)])
     modes = {line.split()[-1].lstrip("."): line.split()[0] for line in listing.splitlines()}

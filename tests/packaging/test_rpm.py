@@ -17,7 +17,7 @@ from typing import Dict, List
 
 import pytest
 
-from ..support import MilterSession, free_port, wait_for_socket
+from ..support import REPO, MilterSession, free_port, wait_for_socket
 from .conftest import SYSTEM_PATH, Build, require_tools, run
 
 pytestmark = pytest.mark.packaging
@@ -57,6 +57,9 @@ def test_metadata_and_requires(rpm: Build, db: Path) -> None:
         "/usr/bin/python3",
     ]:
         assert requirement in requires, requirement
+    # Only for relaymilter sync's ldap and postgresql sources (EPEL 9 names).
+    suggests = set(rpm_query(rpm.package, "--suggests", db=db).splitlines())
+    assert {"python3-ldap", "python3-psycopg3"} <= suggests
     # One noarch rpm for EL 9's python3.9 and Fedora's: no python(abi) pin.
     assert not [r for r in requires if r.startswith("python(abi)")]
 
@@ -79,6 +82,8 @@ def test_files_modes_and_config(rpm: Build, db: Path) -> None:
     assert files["/usr/bin/relaymilter"][0] == "-rwxr-xr-x"
     for path in [
         "/usr/lib/systemd/system/relaymilter.service",
+        "/usr/lib/systemd/system/relaymilter-sync.service",
+        "/usr/lib/systemd/system/relaymilter-sync.timer",
         "/usr/lib/sysusers.d/relaymilter.conf",
         "/usr/share/man/man8/relaymilter.8.gz",
         "/usr/share/man/man5/relaymilter.yml.5.gz",
@@ -95,6 +100,8 @@ def test_files_modes_and_config(rpm: Build, db: Path) -> None:
         "/usr/share/doc/relaymilter/examples/relaymilter-report.timer",
     ]:
         assert path in files, path
+    if (REPO / "etc" / "relaymilter" / "postgresql-schema.sql").exists():
+        assert "/usr/share/doc/relaymilter/examples/postgresql-schema.sql" in files
     assert [p for p in files if p.startswith("/usr/share/licenses/")], "no %license"
 
 
@@ -110,8 +117,12 @@ def test_scriptlets(rpm: Build, db: Path) -> None:
     assert set(scripts) == {"preinstall", "postinstall", "preuninstall", "postuninstall"}
     assert "useradd -r -g relaymilter" in scripts["preinstall"]
     assert "systemctl --no-reload preset relaymilter.service" in scripts["postinstall"]
+    # Preset, not enabled: no preset enables relaymilter-sync.timer.
+    assert "relaymilter-sync.timer" in scripts["postinstall"]
+    assert "enable" not in scripts["postinstall"]
     assert "install -d -o relaymilter -g postfix -m 2750" in scripts["postinstall"]
     assert "disable --now relaymilter.service" in scripts["preuninstall"]
+    assert "relaymilter-sync.timer" in scripts["preuninstall"]
     assert "try-restart relaymilter.service" in scripts["postuninstall"]
     assert "rm -rf /run/relaymilter" in scripts["postuninstall"]
     for name, body in scripts.items():
@@ -204,4 +215,7 @@ def test_sysusers_and_unit_are_the_shared_ones(root: Path) -> None:
     sysusers = root / "usr" / "lib" / "sysusers.d" / "relaymilter.conf"
     assert unit.read_text() == (repo / "relaymilter.service").read_text()
     assert sysusers.read_text() == (repo / "relaymilter.sysusers").read_text()
+    for name in ("relaymilter-sync.service", "relaymilter-sync.timer"):
+        shipped = root / "usr" / "lib" / "systemd" / "system" / name
+        assert shipped.read_text() == (repo / name).read_text(), name
     assert os.access(root / "usr" / "bin" / "relaymilter", os.X_OK)

@@ -19,6 +19,8 @@ from ..support import REPO
 pytestmark = pytest.mark.packaging
 
 UNIT = REPO / "packaging" / "relaymilter.service"
+SYNC_SERVICE = REPO / "packaging" / "relaymilter-sync.service"
+SYNC_TIMER = REPO / "packaging" / "relaymilter-sync.timer"
 MAN8 = REPO / "docs" / "man" / "relaymilter.8"
 MAN5 = REPO / "docs" / "man" / "relaymilter.yml.5"
 
@@ -86,6 +88,85 @@ def test_the_unit_has_readiness_watchdog_reload_and_sandbox() -> None:
 def test_the_debian_unit_is_the_shared_one() -> None:
     debian = REPO / "packaging" / "debian" / "relaymilter.service"
     assert debian.read_text() == UNIT.read_text()
+
+
+def test_the_sync_service_is_a_hardened_root_oneshot() -> None:
+    s = unit_settings(SYNC_SERVICE)
+    assert s["Service", "Type"] == ["oneshot"]
+    assert ("Service", "User") not in s  # root: password files, chown to the group
+    assert s["Service", "ExecStart"] == ["/usr/bin/relaymilter sync -c ${RELAYMILTER_CONFIG}"]
+    assert s["Service", "Environment"] == ["RELAYMILTER_CONFIG=/etc/relaymilter/relaymilter.yml"]
+    assert s["Service", "SuccessExitStatus"] == ["75"]  # another sync holds the lock
+    assert s["Unit", "Wants"] == ["network-online.target"]
+    assert "network-online.target" in s["Unit", "After"][0]
+    assert s["Unit", "Documentation"][0].startswith("man:relaymilter(8)")
+    for key, value in [
+        ("CapabilityBoundingSet", "CAP_CHOWN"),
+        ("NoNewPrivileges", "yes"),
+        ("ProtectSystem", "strict"),
+        ("ReadWritePaths", "/etc/relaymilter"),
+        ("StateDirectory", "relaymilter"),
+        ("UMask", "0077"),
+        ("ProtectHome", "yes"),
+        ("PrivateTmp", "yes"),
+        ("PrivateDevices", "yes"),
+        ("RestrictAddressFamilies", "AF_UNIX AF_INET AF_INET6"),
+        ("MemoryDenyWriteExecute", "yes"),
+        ("SystemCallArchitectures", "native"),
+    ]:
+        assert s["Service", key] == [value], key
+    assert s["Service", "SystemCallFilter"][0] == "@system-service"
+    assert ("Install", "WantedBy") not in s  # started by the timer only
+
+
+def test_the_sync_timer_runs_every_5_minutes_with_a_random_delay() -> None:
+    s = unit_settings(SYNC_TIMER)
+    assert s["Timer", "OnBootSec"] == ["1min"]
+    assert s["Timer", "OnUnitActiveSec"] == ["5min"]
+    assert s["Timer", "RandomizedDelaySec"] == ["30s"]
+    assert s["Install", "WantedBy"] == ["timers.target"]
+
+
+@pytest.mark.parametrize("unit", [SYNC_SERVICE, SYNC_TIMER], ids=lambda p: p.name)
+def test_the_debian_sync_units_are_the_shared_ones(unit: Path) -> None:
+    debian = REPO / "packaging" / "debian" / f"relaymilter.{unit.name}"
+    assert debian.is_symlink() and debian.read_text() == unit.read_text()
+
+
+def test_the_sync_timer_is_not_enabled_on_install() -> None:
+    rules = (REPO / "packaging" / "debian" / "rules").read_text()
+    assert "dh_installsystemd --name=relaymilter-sync --no-enable relaymilter-sync.timer" in rules
+    spec = (REPO / "packaging" / "rpm" / "relaymilter.spec").read_text()
+    assert "%systemd_post relaymilter.service relaymilter-sync.service relaymilter-sync.timer" in (
+        spec
+    )
+    # rpm: the presets decide, and no preset file of ours enables the timer.
+    assert not list((REPO / "packaging").rglob("*.preset"))
+    assert ".preset" not in spec
+
+
+def test_every_example_in_the_tree_is_shipped_by_both_packages() -> None:
+    # Everything in etc/ but the configuration itself and the Prometheus
+    # rules' unit tests (promtool's, run by tests/test_metrics.py) is an
+    # example; each may be missing from a tree (they are written
+    # separately), so both packages list them by name and ship those that
+    # exist.
+    examples = sorted(
+        str(path.relative_to(REPO))
+        for path in (REPO / "etc").rglob("*")
+        if path.is_file()
+        and path != REPO / "etc" / "relaymilter.yml"
+        and not path.name.endswith(".test.yml")
+    )
+    rules = (REPO / "packaging" / "debian" / "rules").read_text()
+    installexamples = rules.split("override_dh_installexamples:", 1)[1].split("\n\n", 1)[0]
+    spec = (REPO / "packaging" / "rpm" / "relaymilter.spec").read_text()
+    loop = spec.split("for snippet in ", 1)[1].split("; do", 1)[0]
+    debian = re.findall(r"etc/[\w./-]+", installexamples)
+    rpm = re.findall(r"etc/[\w./-]+", loop)
+    assert debian == rpm, "debian/rules and the spec ship different examples"
+    for example in examples:
+        assert example in debian, f"{example} is not shipped"
 
 
 def test_sysusers_creates_the_system_user() -> None:
