@@ -95,6 +95,10 @@ def test_package_metadata_and_contents(deb: Build) -> None:
     modes = {line.split()[-1].lstrip("."): line.split()[0] for line in listing.splitlines()}
     for path in INSTALLED_PATHS:
         assert path in modes, path
+    # Every module, subpackages too (pyproject.toml lists the packages).
+    for module in sorted((REPO / "relaymilter").rglob("*.py")):
+        path = f"/usr/lib/python3/dist-packages/{module.relative_to(REPO)}"
+        assert path in modes, f"{path} is not in the package"
     assert modes[CONF] == "-rw-r-----"
     assert modes["/usr/bin/relaymilter"] == "-rwxr-xr-x"
     for guide in ("README.md", "install.md", "postfix.md", "sendmail.md"):
@@ -310,6 +314,17 @@ def test_edited_config_survives_reinstall_and_upgrade_and_purge_leaves_nothing(
 
     # A leftover of a manual run, as purge may find it.
     installed.sh("mkdir -p /run/relaymilter && touch /run/relaymilter/relaymilter.sock")
+    # What relaymilter sync leaves (a snapshot, an interrupted write's
+    # temporary file, the status and its lock), and the sync timer, enabled
+    # and started by the admin: the removal stops it, the purge disables it.
+    installed.sh(
+        "touch /etc/relaymilter/relaymilter.snapshot.yml"
+        " /etc/relaymilter/.relaymilter.snapshot.yml.x1y2z3"
+        " && mkdir -p /var/lib/relaymilter"
+        " && touch /var/lib/relaymilter/sync-status.json /var/lib/relaymilter/sync-status.json.lock"
+    )
+    installed.run("systemctl", "enable", "--now", "relaymilter-sync.timer")
+    assert installed.prop("relaymilter-sync.timer", "ActiveState") == "active"
     installed.run("apt-get", "purge", "-y", "-q", "relaymilter", timeout=300)
     assert package_status(installed) is None
     left = [
@@ -318,6 +333,8 @@ def test_edited_config_survives_reinstall_and_upgrade_and_purge_leaves_nothing(
             *INSTALLED_PATHS,
             "/etc/relaymilter",
             "/etc/systemd/system/multi-user.target.wants/relaymilter.service",
+            "/etc/systemd/system/timers.target.wants/relaymilter-sync.timer",
+            "/var/lib/relaymilter",
             "/usr/lib/python3/dist-packages/relaymilter",
             "/usr/share/doc/relaymilter",
             CHROOT_DIR,
@@ -327,6 +344,8 @@ def test_edited_config_survives_reinstall_and_upgrade_and_purge_leaves_nothing(
     ]
     assert left == []
     assert installed.prop("relaymilter.service", "LoadState") == "not-found"
+    timer = installed.props("relaymilter-sync.timer", "LoadState", "ActiveState")
+    assert timer == {"LoadState": "not-found", "ActiveState": "inactive"}, timer
     processes = installed.run("pgrep", "-u", "relaymilter", check=False).stdout.split()
     assert processes == []
     # Debian policy: the system user stays (files it owned may remain).

@@ -107,7 +107,7 @@ def test_the_sync_service_is_a_hardened_root_oneshot() -> None:
         ("ReadWritePaths", "/etc/relaymilter"),
         ("StateDirectory", "relaymilter"),
         ("UMask", "0077"),
-        ("ProtectHome", "yes"),
+        ("ProtectHome", "tmpfs"),
         ("PrivateTmp", "yes"),
         ("PrivateDevices", "yes"),
         ("RestrictAddressFamilies", "AF_UNIX AF_INET AF_INET6"),
