@@ -273,7 +273,15 @@ class SyncCollector(Collector):
                 "The configured max_snapshot_age.",
                 value=view.settings.max_snapshot_age,
             )
-        yield from _source_families(load_status(view.settings.status))
+        status = load_status(view.settings.status)
+        if status:
+            yield GaugeMetricFamily(
+                "relaymilter_sync_last_run_successful",
+                "1 if the last relaymilter sync wrote or confirmed the snapshot, 0 if it failed "
+                "or its result was refused (validation, max_removed_domains).",
+                value=0 if status.get("last_error") else 1,
+            )
+        yield from _source_families(status)
 
 
 class SnapshotView(NamedTuple):

@@ -519,6 +519,7 @@ def test_the_metrics_show_the_snapshot_and_the_sources(site: Path) -> None:
         assert samples[("relaymilter_snapshot_max_age_seconds", ())] == 3600
         labels = (("kind", "files"), ("source", "tenants"))
         assert samples[("relaymilter_sync_source_up", labels)] == 1
+        assert samples[("relaymilter_sync_last_run_successful", ())] == 1
         assert samples[("relaymilter_sync_source_last_success_timestamp_seconds", labels)] > 0
         mark = len(running.log())
         os.utime(site / "relaymilter.snapshot.yml", (time.time() - 7200, time.time() - 7200))
@@ -530,3 +531,4 @@ def test_the_metrics_show_the_snapshot_and_the_sources(site: Path) -> None:
         assert samples[("relaymilter_snapshot_stale", ())] == 1
         assert samples[("relaymilter_stale_snapshot_answers_total", ())] == 1
         assert samples[("relaymilter_sync_source_up", labels)] == 0
+        assert samples[("relaymilter_sync_last_run_successful", ())] == 0
