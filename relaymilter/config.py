@@ -125,6 +125,7 @@ def parse_config(text: str, path: str, snapshot: Optional[SnapshotText] = None) 
     config = reader.read_root(root)
     if reader.errors or config is None:
         raise ConfigError(reader.sorted_errors())
+    release_list(reader.accepted)
     return config
 
 
@@ -146,17 +147,22 @@ def load_sources_settings(path: str) -> Tuple[Optional[SourcesSettings], List[st
     return settings, [str(w) for w in reader.warnings]
 
 
-def release_nodes(node: Node, chunk: int = 200) -> None:
-    """Free a large node tree a few items at a time, not in one deallocation.
-
-    A snapshot of 100,000 domains is about a million nodes; freeing them in
-    one go holds the GIL for some 40 ms, during which no milter thread
-    answers. Between chunks, the interpreter lets other threads run.
-    """
+def release_nodes(node: Node) -> None:
+    """Free a large node tree a few items at a time (see ``release_list``)."""
     if isinstance(node, SequenceNode):
-        items = node.value
-        while items:
-            del items[-chunk:]
+        release_list(node.value)
+
+
+def release_list(items: List[Any], chunk: int = 200) -> None:
+    """Empty a large list a few items at a time, not in one deallocation.
+
+    A snapshot of 100,000 domains is about a million nodes, and the reader's
+    notes on it a few hundred thousand objects; freeing either in one go holds
+    the GIL for some 40 ms, during which no milter thread answers. Between
+    chunks, the interpreter lets other threads run.
+    """
+    while items:
+        del items[-chunk:]
 
 
 def _compose(text: str, path: str) -> Optional[Node]:
@@ -191,7 +197,7 @@ class _Reader:
         self.has_sources = False
         self._order = 0
         #: Every accepted domain as read, with its node, for the cross-organization check.
-        self._accepted: List[_AcceptedEntry] = []
+        self.accepted: List[_AcceptedEntry] = []
         #: Connectors' certificate names, checked once the organizations are merged.
         self._registrations: List[_Registration] = []
         self._suffixes: Optional[publicsuffix.PublicSuffixList] = None
@@ -338,6 +344,7 @@ class _Reader:
         if sources is not None:
             snapshot = self.read_snapshot(sources, fields["sources"][1], parts)
         organizations = self.merge(parts)
+        release_list(parts)
         self.path = self.config_path
         self.check_registrations(organizations)
         self.check_domain_owners()
@@ -365,6 +372,7 @@ class _Reader:
             metrics=metrics,
             sources=sources,
             snapshot=snapshot,
+            monitor_only=_monitor_only(mode, organizations),
         )
 
     # -- the snapshot and the merge -------------------------------------------
@@ -673,7 +681,7 @@ class _Reader:
 
     def read_organizations(self, node: Node, snapshot: bool = False) -> List[_OrganizationParts]:
         items = self.sequence(node, "organizations", "organizations")
-        if isinstance(node, SequenceNode) and not items and not snapshot:
+        if isinstance(node, SequenceNode) and not items and not (snapshot or self.has_sources):
             self.error(node, "organizations", "must list at least one organization")
         return [
             parts
@@ -725,7 +733,7 @@ class _Reader:
                 continue
             mapping = isinstance(item, MappingNode)
             line = _line(item) or 0
-            self._accepted.append(
+            self.accepted.append(
                 _AcceptedEntry(accepted, self.path, line, organization, item_path, mapping)
             )
             if accepted.domain in domains:
@@ -1062,14 +1070,14 @@ class _Reader:
         walking each entry's parents finds every pair: O(domains x labels).
         """
         owners: Dict[str, List[int]] = {}
-        for position, entry in enumerate(self._accepted):
+        for position, entry in enumerate(self.accepted):
             owners.setdefault(entry.accepted.domain, []).append(position)
         reported: Set[Tuple[int, int]] = set()
-        for position, entry in enumerate(self._accepted):
+        for position, entry in enumerate(self.accepted):
             domain = entry.accepted.domain
             for parent in parent_domains(domain):
                 for other_position in owners.get(parent, ()):
-                    other = self._accepted[other_position]
+                    other = self.accepted[other_position]
                     if other.organization == entry.organization:
                         continue
                     if parent != domain and not other.accepted.match_subdomains:
@@ -1077,7 +1085,7 @@ class _Reader:
                     pair = (max(position, other_position), min(position, other_position))
                     if pair not in reported:
                         reported.add(pair)
-                        self.report_shared_domain(self._accepted[pair[0]], self._accepted[pair[1]])
+                        self.report_shared_domain(self.accepted[pair[0]], self.accepted[pair[1]])
 
     def report_shared_domain(self, entry: _AcceptedEntry, other: _AcceptedEntry) -> None:
         """Reported at the later of the two entries (positions follow the files)."""
@@ -1133,6 +1141,14 @@ class _Reader:
                         "else the first in file order",
                     )
             open_spans.append(span)
+
+
+def _monitor_only(mode: str, organizations: Tuple[Organization, ...]) -> bool:
+    modes = {mode}
+    for organization in organizations:
+        modes.add(organization.mode or mode)
+        modes.update(c.mode for c in organization.connectors if c.mode)
+    return modes == {MODE_MONITOR}
 
 
 def _have_prometheus_client() -> bool:

@@ -187,7 +187,7 @@ class RelayMilter(Milter.Base):  # type: ignore[misc]
         return answer
 
     def _envrcpt(self, to: str, metrics: Optional[Metrics] = None) -> int:
-        if RelayMilter.snapshot_stale:
+        if RelayMilter.snapshot_stale and not self.config.monitor_only:
             return self._stale_snapshot(to)
         try:
             if self.failed_in is not None:

@@ -240,6 +240,8 @@ class Config:
     sources: Optional[SourcesSettings] = None
     #: The snapshot as loaded: its file's identity, to notice when sync replaces it.
     snapshot: Optional[SnapshotFile] = None
+    #: Every organization and connector is in monitor mode: nothing is ever refused.
+    monitor_only: bool = False
     ip_connectors: NetworkTable[Attribution] = field(
         default_factory=NetworkTable, repr=False, compare=False
     )

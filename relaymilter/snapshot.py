@@ -215,13 +215,7 @@ class OrganizationChange:
 
     def describe(self) -> str:
         parts = []
-        for label, values in (
-            ("domains added", self.domains_added),
-            ("domains removed", self.domains_removed),
-            ("connectors added", self.connectors_added),
-            ("connectors removed", self.connectors_removed),
-            ("connectors changed", self.connectors_changed),
-        ):
+        for key, values in self.__dict__.items():
             if values:
                 shown = ", ".join(values[:CHANGE_EXAMPLES])
                 more = (
@@ -229,7 +223,7 @@ class OrganizationChange:
                     if len(values) > CHANGE_EXAMPLES
                     else ""
                 )
-                parts.append(f"{len(values)} {label} ({shown}{more})")
+                parts.append(f"{describe_count(key, len(values))} ({shown}{more})")
         return "; ".join(parts)
 
     def as_json(self) -> Dict[str, Any]:
@@ -238,6 +232,21 @@ class OrganizationChange:
             if values:
                 summary[name] = {"count": len(values), "examples": values[:CHANGE_EXAMPLES]}
         return summary
+
+
+CHANGE_KEYS = (
+    "domains_added",
+    "domains_removed",
+    "connectors_added",
+    "connectors_removed",
+    "connectors_changed",
+)
+
+
+def describe_count(key: str, count: int) -> str:
+    """``domains_added``, 1 → "1 domain added"."""
+    noun, verb = key.split("_", 1)
+    return f"{count} {noun if count != 1 else noun[:-1]} {verb}"
 
 
 def changes(old: Content, new: Content) -> Dict[str, OrganizationChange]:

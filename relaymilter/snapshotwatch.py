@@ -118,7 +118,15 @@ class SnapshotWatch:
         limit = describe_age(config.sources.max_snapshot_age)
         synced_at = self.synced_at() or 0.0
         age = describe_age(time.time() - synced_at)
-        if stale:
+        if stale and config.monitor_only:
+            logger.error(
+                "snapshot: %s is %s old, past max_snapshot_age %s; every organization is in "
+                "monitor mode, so decisions are still only logged (see relaymilter sync --status)",
+                config.snapshot.path,
+                age,
+                limit,
+            )
+        elif stale:
             logger.error(
                 "snapshot: %s is %s old, past max_snapshot_age %s: answering 451 4.3.0 to every "
                 "recipient until a sync succeeds (see relaymilter sync --status)",

@@ -52,6 +52,10 @@ class SyncRefused(Exception):
     """The sources' result is not used; the message says why."""
 
 
+class ConfigFileInvalid(SyncRefused):
+    """The config file itself has errors (outside its sources: section): nothing to sync into."""
+
+
 @dataclass
 class Fetched:
     source: Source
@@ -145,6 +149,12 @@ class Sync:
         try:
             load_config(self.config_path, SnapshotText(text, label))
         except ConfigError as exc:
+            own = [issue for issue in exc.issues if issue.file == self.config_path]
+            if own:
+                raise ConfigFileInvalid(
+                    f"{len(own)} error(s) in {self.config_path} itself; fix it first:\n"
+                    + "\n".join(str(issue) for issue in own)
+                ) from None
             raise SyncRefused(
                 f"the sources' organizations are not valid ({len(exc.issues)} error(s)):\n{exc}"
             ) from None
@@ -203,7 +213,7 @@ def _run_locked(sync: Sync, dry_run: bool) -> int:
         sync.err.write(f"relaymilter sync: failed, the snapshot is unchanged: {exc}\n")
         if not dry_run:
             _write_status(sync, fetched, str(exc), None, None)
-        return EXIT_FAILED
+        return EXIT_CONFIG if isinstance(exc, ConfigFileInvalid) else EXIT_FAILED
     _report(sync, fetched, change, text == old_text, dry_run)
     if dry_run:
         return EXIT_OK
@@ -213,6 +223,10 @@ def _run_locked(sync: Sync, dry_run: bool) -> int:
         write_like(sync.settings.snapshot, text.encode("utf-8"), sync.config_path)
     _write_status(sync, fetched, None, change if text != old_text else None, old_text is None)
     return EXIT_OK
+
+
+def plural(number: int, noun: str) -> str:
+    return f"{number} {noun}{'' if number == 1 else 's'}"
 
 
 def _old_snapshot(path: str) -> Optional[str]:
@@ -236,16 +250,18 @@ def _report(
     for item in fetched:
         assert item.result is not None
         sync.out.write(
-            f"{item.source.kind} {item.source.name!r}: {item.result.records} records, "
-            f"{len(item.result.organizations)} organizations in {item.seconds:.2f} s "
+            f"{item.source.kind} {item.source.name!r}: {plural(item.result.records, 'record')}, "
+            f"{plural(len(item.result.organizations), 'organization')} in {item.seconds:.2f} s "
             f"({item.result.detail})\n"
         )
     verb = "would change" if dry_run else "changed"
-    if unchanged or not change:
-        sync.out.write("the snapshot is unchanged" + ("" if dry_run else " (refreshed)") + "\n")
     for name, organization_change in change.items():
         sync.out.write(f"{verb} {name}: {organization_change.describe()}\n")
-    if not dry_run and not unchanged:
+    if unchanged:
+        sync.out.write("the snapshot is unchanged" + ("" if dry_run else " (refreshed)") + "\n")
+    elif dry_run:
+        sync.out.write(f"would write {sync.settings.snapshot}\n")
+    else:
         sync.out.write(f"wrote {sync.settings.snapshot}; the daemon reloads it within seconds\n")
 
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any, Dict, List, Optional
 
 from .safefile import UnsafeFileError, read_regular_file
+from .snapshot import CHANGE_KEYS, describe_count
 from .sources.settings import SourcesSettings
 
 STATUS_VERSION = 1
@@ -106,11 +107,12 @@ def describe_status(settings: SourcesSettings, status: Status, now: Optional[flo
         else "no max_snapshot_age"
     )
     state = "STALE: the daemon answers 451 4.3.0" if freshness.stale else "in use"
-    lines = [
-        f"snapshot: {settings.snapshot}",
-        f"  synced {describe_age(freshness.age)} ago ({describe_time(freshness.synced_at)}), "
-        f"{limit}: {state}",
-    ]
+    synced = (
+        f"synced {describe_age(freshness.age)} ago ({describe_time(freshness.synced_at)})"
+        if freshness.synced_at is not None
+        else "never synced (the file does not exist)"
+    )
+    lines = [f"snapshot: {settings.snapshot}", f"  {synced}, {limit}: {state}"]
     if not status:
         lines.append(f"no sync has run yet ({settings.status} is missing)")
         return "\n".join(lines)
@@ -132,10 +134,13 @@ def _describe_source(name: str, source: Dict[str, Any], now: float) -> List[str]
         + (f" ({describe_age(now - success)} ago)" if success else "")
     )
     if success:
+        counts = ", ".join(
+            _plural(source.get(key, 0), key[:-1])
+            for key in ("organizations", "domains", "connectors")
+        )
         lines.append(
-            f"  read {source.get('records', 0)} records in {source.get('seconds', 0):.2f} s "
-            f"from {source.get('detail', '?')}: {source.get('organizations', 0)} organizations, "
-            f"{source.get('domains', 0)} domains, {source.get('connectors', 0)} connectors"
+            f"  read {_plural(source.get('records', 0), 'record')} in "
+            f"{source.get('seconds', 0):.2f} s from {source.get('detail', '?')}: {counts}"
         )
     if source.get("last_error"):
         lines.append(
@@ -153,10 +158,17 @@ def _describe_change(change: Any) -> List[str]:
         lines.append("  (the first snapshot)" if change.get("first") else "  nothing")
     for name, parts in organizations.items():
         described = []
-        for key, value in parts.items():
+        for key in CHANGE_KEYS:
+            value = parts.get(key)
+            if not isinstance(value, dict):
+                continue
             examples = ", ".join(value.get("examples", []))
             more = value["count"] - len(value.get("examples", []))
             extra = f" and {more} more" if more > 0 else ""
-            described.append(f"{value['count']} {key.replace('_', ' ')} ({examples}{extra})")
+            described.append(f"{describe_count(key, value['count'])} ({examples}{extra})")
         lines.append(f"  {name}: " + "; ".join(described))
     return lines
+
+
+def _plural(number: int, noun: str) -> str:
+    return f"{number} {noun}{'' if number == 1 else 's'}"

@@ -283,3 +283,23 @@ def test_sigusr2_stops_without_waiting_for_libmilters_accept_loop(
         log = daemon.log()
         assert "stopping (SIGUSR2)" in log
         assert "stopped: " in log
+
+
+def test_a_replaced_config_is_freed_once_its_last_connection_lets_go(config_file: Path) -> None:
+    import threading
+    import weakref
+
+    from relaymilter.config import load_config
+    from relaymilter.daemon import _retire
+
+    config = load_config(str(config_file))
+    connection = [config]  # a connection that started before the reload
+    gone = weakref.ref(config)
+    retired = threading.Thread(target=_retire, args=([config], 60.0, 0.01))
+    del config
+    retired.start()
+    retired.join(0.2)
+    assert retired.is_alive() and gone() is not None  # still in use: kept
+    connection.clear()
+    retired.join(10)
+    assert not retired.is_alive() and gone() is None

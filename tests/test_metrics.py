@@ -555,9 +555,25 @@ def promtool(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
     )
 
 
-def exposed_names() -> set:
-    """Every sample name relaymilter exposes, once each metric has a value."""
-    from relaymilter.metrics import TRIGGER_RELOAD, Metrics
+SYNC_CONFIG = """\
+organizations: []
+sources:
+  status: status.json
+  max_snapshot_age: 1h
+  files:
+    - name: tenants
+      directory: organizations.d
+"""
+
+
+def exposed_names(site: Path) -> set:
+    """Every sample name relaymilter exposes, once each metric has a value.
+
+    With a ``sources:`` section and a first ``relaymilter sync`` in ``site``:
+    the snapshot's and the sources' families exist only then.
+    """
+    from relaymilter.config import load_config
+    from relaymilter.metrics import TRIGGER_RELOAD, Metrics, SnapshotView
     from relaymilter.policy import Transaction
 
     config = parse_config(CONFIG, "relaymilter.yml")
@@ -566,16 +582,27 @@ def exposed_names() -> set:
     metrics.decision(transaction.attribution, transaction.decide("<a@example.net>"))
     metrics.internal_error("envrcpt")
     metrics.tempfail()
+    metrics.stale_snapshot()
     metrics.rcpt_seconds(0.001)
     metrics.connection_opened()
     metrics.config_loaded(config, TRIGGER_RELOAD, time.time())
     metrics.config_failed(TRIGGER_RELOAD)
+    (site / "organizations.d").mkdir()
+    (site / "organizations.d" / "fabrikam.yml").write_text(
+        "organizations: [{name: Fabrikam, accepted_domains: [fabrikam.com], "
+        "connectors: [{name: onprem, sender_ip_addresses: [192.0.2.0/24]}]}]\n"
+    )
+    (site / "relaymilter.yml").write_text(SYNC_CONFIG)
+    synced = run_cli("sync", "-c", str(site / "relaymilter.yml"))
+    assert synced.returncode == 0, synced.stdout + synced.stderr
+    sources = load_config(str(site / "relaymilter.yml")).sources
+    metrics.sync.watch(lambda: SnapshotView(sources, time.time(), False))
     return {name for name, _ in parse_samples(metrics.render().decode())}
 
 
 def dashboard_queries() -> List[str]:
     dashboard = json.loads(DASHBOARD.read_text())
-    queries = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
+    queries = [t["expr"] for p in dashboard["panels"] for t in p.get("targets", [])]
     queries += [a["expr"] for a in dashboard["annotations"]["list"]]
     return queries
 
@@ -583,7 +610,7 @@ def dashboard_queries() -> List[str]:
 def test_alert_rules_pass_promtool() -> None:
     checked = promtool("check", "rules", RULES.name, cwd=RULES.parent)
     assert checked.returncode == 0, checked.stdout + checked.stderr
-    assert "SUCCESS: 7 rules found" in checked.stdout
+    assert "SUCCESS: 12 rules found" in checked.stdout
     tested = promtool("test", "rules", "relaymilter.rules.test.yml", cwd=RULES.parent)
     assert tested.returncode == 0, tested.stdout + tested.stderr
     names = {rule["alert"] for group in yaml_load(RULES)["groups"] for rule in group["rules"]}
@@ -591,6 +618,11 @@ def test_alert_rules_pass_promtool() -> None:
         "RelaymilterInternalErrors",
         "RelaymilterReloadFailed",
         "RelaymilterRefusalsJump",
+        "RelaymilterSyncFailing",
+        "RelaymilterSyncSourceDown",
+        "RelaymilterSnapshotOld",
+        "RelaymilterSnapshotStale",
+        "RelaymilterStaleSnapshotAnswers",
     } <= names
 
 
@@ -609,11 +641,29 @@ def test_dashboard_has_the_panels_and_valid_queries(tmp_path: Path) -> None:
         "Decisions by reason",
         "RCPT decision latency",
         "Configuration loads and reloads",
+        "Sources and snapshot (relaymilter sync)",
+        "Snapshot stale",
+        "Last sync",
+        "Snapshot age",
+        "Sources up",
+        "Stale snapshot answers",
     } <= titles
-    by_title = {p["title"]: [t["expr"] for t in p["targets"]] for p in dashboard["panels"]}
+    by_title = {p["title"]: [t["expr"] for t in p.get("targets", [])] for p in dashboard["panels"]}
     assert any("organization" in q for q in by_title["Refusals per organization"])
     assert any("by (reason)" in q for q in by_title["Decisions by reason"])
     assert sum("histogram_quantile" in q for q in by_title["RCPT decision latency"]) == 3
+    assert any("time() - " in q for q in by_title["Snapshot age"])
+    assert any("by (source, kind)" in q for q in by_title["Sources up"])
+    # Unique ids, inside the 24 columns, no two panels on the same cell.
+    assert len({p["id"] for p in dashboard["panels"]}) == len(dashboard["panels"])
+    taken: Dict[Tuple[int, int], str] = {}
+    for panel in dashboard["panels"]:
+        grid = panel["gridPos"]
+        assert grid["x"] + grid["w"] <= 24, panel["title"]
+        for x in range(grid["x"], grid["x"] + grid["w"]):
+            for y in range(grid["y"], grid["y"] + grid["h"]):
+                assert (x, y) not in taken, (panel["title"], taken.get((x, y)))
+                taken[x, y] = panel["title"]
     # Every query is PromQL that promtool parses (Grafana's variables filled in).
     queries = [
         q.replace("$__rate_interval", "5m").replace("$instance", ".*") for q in dashboard_queries()
@@ -633,8 +683,8 @@ def test_dashboard_has_the_panels_and_valid_queries(tmp_path: Path) -> None:
     assert checked.returncode == 0, checked.stdout + checked.stderr
 
 
-def test_rules_and_dashboard_name_only_metrics_that_exist() -> None:
-    exposed = exposed_names()
+def test_rules_and_dashboard_name_only_metrics_that_exist(tmp_path: Path) -> None:
+    exposed = exposed_names(tmp_path)
     referenced = set(re.findall(r"\brelaymilter_[a-z_]+", RULES.read_text()))
     for query in dashboard_queries():
         referenced.update(re.findall(r"\brelaymilter_[a-z_]+", query))

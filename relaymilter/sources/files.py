@@ -87,7 +87,15 @@ def _read_organization(
         _fail(source, path, node, "an organization needs a name (a string)")
     organization = collector.organization(name, _origin(source, path, node))
     if "mode" in values:
-        organization.mode = str(_construct(values["mode"]))
+        mode = str(_construct(values["mode"]))
+        if organization.mode not in (None, mode):
+            _fail(
+                source,
+                path,
+                values["mode"],
+                f"organization {name!r} has mode {organization.mode} in {organization.origin}",
+            )
+        organization.mode = mode
     directory = os.path.dirname(path)
     for key, add in (
         ("accepted_domains", collector.add_domain),
