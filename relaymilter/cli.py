@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import logging
 import os
@@ -197,6 +198,7 @@ def _load_or_report(path: str) -> Optional[Config]:
 
 
 def check_config(path: str) -> int:
+    gc.disable()  # see relaymilter.sync.run: a large config loads three times faster
     config = _load_or_report(path)
     if config is None:
         return EXIT_ERROR

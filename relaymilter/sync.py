@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import gc
 import importlib
 import json
 import os
@@ -183,6 +184,9 @@ def run(config_path: str, dry_run: bool, force: bool, out: IO[str], err: IO[str]
         return EXIT_CONFIG
     for warning in warnings:
         err.write(f"warning: {warning}\n")
+    # A short-lived process that builds millions of objects and frees them at
+    # exit: Python's cyclic collector would only walk them again and again.
+    gc.disable()
     try:
         with _lock(settings.status, dry_run):
             return _run_locked(Sync(config_path, settings, out, err, force), dry_run)
@@ -206,9 +210,11 @@ def _run_locked(sync: Sync, dry_run: bool) -> int:
         if failed:
             raise SyncRefused("; ".join(str(item.error) for item in failed))
         text, organizations = sync.candidate(fetched)
-        old = snapshot.content_of_text(old_text) if old_text else {}
-        change = snapshot.changes(old, snapshot.content_of_sources(organizations))
-        sync.check_removals(change, snapshot.domain_count(old))
+        change: Dict[str, snapshot.OrganizationChange] = {}
+        if text != old_text:  # the same text is the same organizations: nothing to compare
+            old = snapshot.content_of_text(old_text) if old_text else {}
+            change = snapshot.changes(old, snapshot.content_of_sources(organizations))
+            sync.check_removals(change, snapshot.domain_count(old))
     except SyncRefused as exc:
         sync.err.write(f"relaymilter sync: failed, the snapshot is unchanged: {exc}\n")
         if not dry_run:

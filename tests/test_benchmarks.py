@@ -51,3 +51,20 @@ def test_throughput_benchmark_smoke(tmp_path: Path) -> None:
     }
     assert all(r["messages"] == 20 and r["rate"] > 0 for r in figures["runs"])
     assert set(figures["summary"]["peak_rss_mib"]) == listeners - {"baseline"}
+
+
+def test_sync_scale_benchmark_smoke(tmp_path: Path) -> None:
+    out = tmp_path / "sync.json"
+    result = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "sync_scale.py"), "--smoke", "--json", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=REPO,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    figures = json.loads(out.read_text())
+    assert figures["files"]["first"]["domains"] == 60
+    assert figures["postgresql"]["first"]["domains"] == 60
+    assert figures["ldap"]["first"]["domains"] == 30
+    assert figures["reload"]["failed_answers"] == 0 and figures["reload"]["answers_during"] > 0

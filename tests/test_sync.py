@@ -532,3 +532,59 @@ def test_the_metrics_show_the_snapshot_and_the_sources(site: Path) -> None:
         assert samples[("relaymilter_stale_snapshot_answers_total", ())] == 1
         assert samples[("relaymilter_sync_source_up", labels)] == 0
         assert samples[("relaymilter_sync_last_run_successful", ())] == 0
+
+
+def test_an_error_in_the_config_file_itself_is_a_config_error(site: Path) -> None:
+    text = CONFIG.replace(
+        "socket: inet:8894@127.0.0.1", "socket: inet:8894@127.0.0.1\nmode: strict"
+    )
+    (site / "relaymilter.yml").write_text(text)
+    result = cli(site)
+    assert result.returncode == sync.EXIT_CONFIG
+    assert "error(s) in" in result.stderr and "itself; fix it first" in result.stderr
+    assert "mode: must be one of enforce, soft, monitor" in result.stderr
+    assert not (site / "relaymilter.snapshot.yml").exists()
+
+
+def test_with_sources_the_config_file_may_list_no_organization(site: Path) -> None:
+    text = (
+        CONFIG.split("organizations:")[0]
+        + "organizations: []\nsources:"
+        + CONFIG.split("sources:")[1]
+    )
+    (site / "relaymilter.yml").write_text(text)
+    assert cli(site).returncode == 0
+    assert [o.name for o in load_config(str(site / "relaymilter.yml")).organizations] == [
+        "Fabrikam"
+    ]
+
+
+def test_two_fragments_may_not_give_one_organization_two_modes(site: Path) -> None:
+    fragment(
+        site,
+        "a.yml",
+        "organizations: [{name: Northwind, mode: monitor, accepted_domains: [northwind.example]}]\n",
+    )
+    fragment(
+        site,
+        "b.yml",
+        "organizations: [{name: Northwind, mode: enforce, accepted_domains: [northwind.org]}]\n",
+    )
+    result = cli(site)
+    assert result.returncode == 1
+    assert "organization 'Northwind' has mode monitor in files 'tenants'" in result.stderr
+    assert "b.yml:1" in result.stderr
+
+
+def test_a_monitor_only_config_keeps_deciding_on_a_stale_snapshot(site: Path) -> None:
+    text = CONFIG.replace("status.json\n", "status.json\n  max_snapshot_age: 1h\n")
+    (site / "relaymilter.yml").write_text("mode: monitor\n" + text)
+    assert cli(site).returncode == 0
+    os.utime(site / "relaymilter.snapshot.yml", (time.time() - 7200, time.time() - 7200))
+    spec = f"inet:{free_port()}@127.0.0.1"
+    with running_daemon(site / "relaymilter.yml", spec, site / "daemon.log") as running:
+        running.wait_for_log(
+            "every organization is in monitor mode, so decisions are still only logged"
+        )
+        assert ask(running, "192.0.2.5", "<>", "<a@outside.example>") == "continue"
+        running.wait_for_log("action=would-reject")
