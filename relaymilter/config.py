@@ -178,7 +178,6 @@ def _compose(text: str, path: str) -> Optional[Node]:
 # libyaml's composer when PyYAML has it: a 100,000-domain file loads 3x faster.
 _LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 _Field = Tuple[ScalarNode, Node]
-_constructor = yaml.constructor.SafeConstructor()
 _STR_TAG = "tag:yaml.org,2002:str"
 
 
@@ -204,6 +203,7 @@ class _Reader:
         self._suffix_problem: Optional[str] = None
         self._snapshot: Optional[Tuple[str, str]] = None
         self._origins: Optional[snapshot_file.OriginIndex] = None
+        self._constructor: Optional[yaml.constructor.SafeConstructor] = None
 
     # -- reporting ---------------------------------------------------------
 
@@ -224,6 +224,12 @@ class _Reader:
             self._origins = snapshot_file.origins(self._snapshot[1])
         return self._origins.at(line)
 
+    def _construct(self, node: Node) -> Any:
+        # A constructor remembers every object it made: one per read, not one per process.
+        if self._constructor is None:
+            self._constructor = yaml.constructor.SafeConstructor()
+        return self._constructor.construct_object(node)
+
     def sorted_errors(self) -> List[ConfigIssue]:
         """The config file's errors first, then the snapshot's, each in line order."""
         return sorted(
@@ -242,7 +248,7 @@ class _Reader:
         found: Dict[str, _Field] = {}
         for key_node, value_node in node.value:
             key = key_node.value if isinstance(key_node, ScalarNode) else None
-            key_path = _join(path, str(key))
+            key_path = _join(path, _printable(str(key)))
             if not isinstance(key, str) or key not in allowed:
                 hint = difflib.get_close_matches(str(key), allowed, n=1)
                 extra = f"; did you mean {hint[0]!r}?" if hint else ""
@@ -264,7 +270,7 @@ class _Reader:
             return None
         # Plain strings are most of a config; only other tags need the constructor.
         try:
-            value = node.value if node.tag == _STR_TAG else _constructor.construct_object(node)
+            value = node.value if node.tag == _STR_TAG else self._construct(node)
         except Exception as exc:  # a bad !!timestamp, an unknown !tag, ...
             reason = str(exc).splitlines()[0]
             self.error(
@@ -1206,8 +1212,20 @@ class _OrganizationParts:
 
     def absorb(self, other: _OrganizationParts, reader: _Reader) -> None:
         """Add what the snapshot says of an organization the config file has too."""
-        known = {domain.domain for domain in self.domains}
-        self.domains.extend(d for d in other.domains if d.domain not in known)
+        known = {domain.domain: index for index, domain in enumerate(self.domains)}
+        for domain in other.domains:
+            index = known.get(domain.domain)
+            if index is None:
+                self.domains.append(domain)
+            elif domain.match_subdomains and not self.domains[index].match_subdomains:
+                # As for a domain listed twice in one file: the wider entry wins, said aloud.
+                self.domains[index] = domain
+                reader.warn(
+                    other.node,
+                    other.path + ".accepted_domains",
+                    f"{domain.domain} of organization {self.name!r} is in {self.file} without "
+                    "match_subdomains; the snapshot's match_subdomains applies",
+                )
         names = {connector.name for connector in self.connectors}
         for connector in other.connectors:
             if connector.name in names:
@@ -1271,6 +1289,11 @@ def _describe_accepted(accepted: AcceptedDomain) -> str:
 
 def _line(node: Optional[Node]) -> Optional[int]:
     return node.start_mark.line + 1 if node is not None else None
+
+
+def _printable(text: str) -> str:
+    """A key as read, with control and invisible characters escaped (it is printed)."""
+    return text if text.isprintable() else ascii(text)[1:-1]
 
 
 def _join(path: str, key: str) -> str:

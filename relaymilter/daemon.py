@@ -108,8 +108,11 @@ class Daemon:
             if self.metrics is not None:
                 self.metrics.stop()
             return EXIT_FAILURE
+        # From here on RelayMilter.current_config is the one reference: a
+        # reload must be able to free this config (see retire).
+        del config
         try:
-            return self._serve(config)
+            return self._serve()
         finally:
             if self.metrics is not None:
                 self.metrics.stop()
@@ -139,14 +142,14 @@ class Daemon:
         config = RelayMilter.current_config
         return SnapshotView(config.sources, self._watch.synced_at(), self._watch.stale)
 
-    def _serve(self, config: Config) -> int:
+    def _serve(self) -> int:
         self.notifier = ServiceNotifier(self.socket, self.status)
         logger.info(
             "listening on %s: %s (%s, config %s)",
             self.socket,
-            config.summary(),
+            RelayMilter.current_config.summary(),
             self.config_path,
-            config.identity,
+            RelayMilter.current_config.identity,
         )
         self.notifier.ready()
         self.notifier.start_watchdog()

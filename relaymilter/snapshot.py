@@ -84,7 +84,9 @@ def _flow(value: Any) -> str:
     if isinstance(value, int):
         return str(value)
     if isinstance(value, float) and math.isfinite(value):
-        return repr(value)
+        # YAML 1.1 reads 1e+20 as a string; 1.0e+20 is a float.
+        text = repr(value)
+        return text.replace("e", ".0e") if "e" in text and "." not in text else text
     if isinstance(value, dict):
         return "{" + ", ".join(f"{_quote(str(k))}: {_flow(v)}" for k, v in value.items()) + "}"
     if isinstance(value, (list, tuple)):
@@ -157,7 +159,10 @@ Content = Dict[str, OrganizationContent]
 
 def content_of_text(text: str) -> Content:
     """The organizations of a snapshot's text (one that sync wrote, so well-formed)."""
-    data = yaml.load(text, Loader=_LOADER) or {}
+    try:
+        data = yaml.load(text, Loader=_LOADER) or {}
+    except yaml.YAMLError:
+        return {}  # a damaged snapshot: replaced by a good one, compared as empty
     items = (data.get("organizations") or []) if isinstance(data, dict) else []
     return _content(
         (str(o.get("name")), o.get("accepted_domains") or [], o.get("connectors") or [])

@@ -1,11 +1,13 @@
 """The daemon's eye on the snapshot: reload a new one, and know how old the one in use is.
 
-``relaymilter sync`` replaces the snapshot by renaming a new file over it (a
-new inode), or, when nothing changed, only refreshes its modification time.
-Checking the file every few seconds costs one stat(2), needs no signal from
-sync (so sync needs no right over the daemon), and serves every daemon that
-reads the same file. The age is that of the snapshot in use: a new file that
-failed to load does not make the old data fresh.
+``relaymilter sync`` replaces the snapshot by renaming a new file over it, or,
+when nothing changed, only refreshes its modification time. Checking the file
+every few seconds costs one stat(2); when anything about it changed, its text
+is hashed and compared with the snapshot in use (a new file may well get the
+inode of the one loaded two syncs ago). This needs no signal from sync (so
+sync needs no right over the daemon), and serves every daemon that reads the
+same file. The age is that of the snapshot in use: a new file that failed to
+load does not make the old data fresh, and it is tried again every minute.
 
 Past ``max_snapshot_age`` the milter answers 451 4.3.0 to every recipient
 instead of deciding on stale data (the way Postfix answers a lookup table that
@@ -21,13 +23,23 @@ import threading
 import time
 from typing import Callable, Optional, Tuple
 
+from .config import SNAPSHOT_FILE_LIMIT, config_identity
 from .model import Config
+from .safefile import read_regular_file
 from .syncstatus import describe_age
 
 logger = logging.getLogger("relaymilter")
 
 #: Seconds between two looks at the snapshot file.
 CHECK_INTERVAL = 2.0
+#: Seconds before a snapshot that failed to load is tried again.
+RETRY_AFTER = 60.0
+
+
+def file_digest(path: str) -> str:
+    """The snapshot's identity as the config loader computes it (``config_identity``)."""
+    data = read_regular_file(path, SNAPSHOT_FILE_LIMIT, "the snapshot")
+    return config_identity(data.decode("utf-8", "surrogateescape"))
 
 
 class SnapshotWatch:
@@ -43,10 +55,15 @@ class SnapshotWatch:
         self._set_stale = set_stale
         self._interval = interval
         self._stop = threading.Event()
-        #: The (device, inode) a reload was last asked for: asked once per new file.
-        self._requested: Optional[Tuple[int, int]] = None
-        #: Refreshes of the loaded file since it was loaded.
-        self._refreshed: Optional[Tuple[Tuple[int, int], float]] = None
+        # The watch thread and the reload thread both check.
+        self._lock = threading.Lock()
+        #: The file's (device, inode, size, mtime) when last looked at, and its digest.
+        self._seen: Optional[Tuple[Tuple[int, int, int, int], str]] = None
+        #: The digest a reload was last asked for, and when.
+        self._requested: Optional[Tuple[str, float]] = None
+        #: When the file last held the loaded snapshot's text (its modification time).
+        self._refreshed: Optional[Tuple[str, float]] = None
+        self._missing = False
         self.stale = False
         self._thread = threading.Thread(target=self._loop, name="snapshot", daemon=True)
 
@@ -65,38 +82,50 @@ class SnapshotWatch:
                 logger.error("snapshot: check failed", exc_info=True)
 
     def synced_at(self) -> Optional[float]:
+        """When the text in use was written or last confirmed by a sync."""
         config = self._current()
         if config.snapshot is None:
             return None
-        loaded = config.snapshot.stat[:2]
-        if self._refreshed is not None and self._refreshed[0] == loaded:
-            return self._refreshed[1]
+        refreshed = self._refreshed
+        if refreshed is not None and refreshed[0] == config.snapshot.digest:
+            return refreshed[1]
         return config.snapshot.synced_at
 
     def check(self, now: Optional[float] = None) -> None:
-        config = self._current()
-        if config.snapshot is None or config.sources is None:
-            self._mark(False, config)
-            return
+        with self._lock:
+            config = self._current()
+            if config.snapshot is None or config.sources is None:
+                self._mark(False, config)
+                return
+            self._look(config)
+            self._mark(self._is_stale(config, now), config)
+
+    def _look(self, config: Config) -> None:
+        """Compare the file with the snapshot in use: by content, as an inode may be reused."""
+        assert config.snapshot is not None
         try:
             info = os.stat(config.snapshot.path)
+            key = (info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns)
+            if self._seen is None or self._seen[0] != key:
+                self._seen = (key, file_digest(config.snapshot.path))
         except OSError as exc:
-            if self._requested != (-1, -1):
+            if not self._missing:
                 logger.warning(
                     "snapshot: %s: %s; deciding from the one loaded", exc.filename, exc.strerror
                 )
-                self._requested = (-1, -1)
-        else:
-            self._notice(config, (info.st_dev, info.st_ino), info.st_mtime)
-        self._mark(self._is_stale(config, now), config)
-
-    def _notice(self, config: Config, file: Tuple[int, int], mtime: float) -> None:
-        assert config.snapshot is not None
-        if file == config.snapshot.stat[:2]:
-            self._refreshed = (file, mtime)
+            self._missing = True
+            return
+        self._missing = False
+        digest = self._seen[1]
+        if digest == config.snapshot.digest:
+            self._refreshed = (digest, info.st_mtime)
             self._requested = None
-        elif file != self._requested:
-            self._requested = file
+            return
+        monotonic = time.monotonic()
+        requested = self._requested
+        if requested is None or requested[0] != digest or monotonic - requested[1] > RETRY_AFTER:
+            # A new snapshot; or one whose reload failed, tried again now and then.
+            self._requested = (digest, monotonic)
             logger.info("snapshot: %s was replaced; reloading", config.snapshot.path)
             self._request_reload()
 

@@ -71,7 +71,8 @@ def read_sources(reader: _Reader, field: _Field) -> Optional[SourcesSettings]:
     max_removed = DEFAULT_MAX_REMOVED
     if "max_removed_domains" in fields:
         node = fields["max_removed_domains"][1]
-        max_removed = _share(reader, node, "sources.max_removed_domains") or max_removed
+        share = _share(reader, node, "sources.max_removed_domains")
+        max_removed = max_removed if share is None else share
     sources: List[Source] = []
     readers = (("files", _read_files), ("ldap", _read_ldap), ("postgresql", _read_postgresql))
     for key, read in readers:
@@ -528,8 +529,12 @@ def conninfo_problem(conninfo: str) -> Optional[str]:
     """What is wrong with a libpq connection string, without libpq: mostly, a password in it."""
     text = conninfo.strip()
     if text.startswith(("postgresql://", "postgres://")):
-        parts = urlsplit(text)
-        if parts.password is not None or "password=" in unquote(parts.query):
+        try:
+            parts = urlsplit(text)
+            has_password = parts.password is not None or "password=" in unquote(parts.query)
+        except ValueError as exc:  # e.g. an unclosed [ of an IPv6 address
+            return f"is not a valid postgresql:// URI ({exc})"
+        if has_password:
             return "has a password: put it in password_file (or ~/.pgpass), never in the config"
         return None
     position = 0
@@ -537,7 +542,13 @@ def conninfo_problem(conninfo: str) -> Optional[str]:
     while position < len(text):
         match = _CONNINFO_PAIR.match(text, position)
         if match is None or match.end() == position:
-            return f"{conninfo!r} is not a libpq connection string (key=value ... or a URI)"
+            if "password" in keys:
+                break
+            # Not quoted back: what follows may be a password.
+            return (
+                f"is not a libpq connection string (key=value ... or a URI): "
+                f"cannot read it from character {position + 1} on"
+            )
         keys.append(match.group(1).lower())
         position = match.end()
         while position < len(text) and text[position].isspace():

@@ -85,6 +85,7 @@ def merge(results: Sequence[SourceResult]) -> List[SourceOrganization]:
                     list(organization.accepted_domains),
                     list(organization.connectors),
                     organization.mode,
+                    organization.mode_origin,
                 )
                 continue
             found.accepted_domains.extend(organization.accepted_domains)
@@ -92,9 +93,10 @@ def merge(results: Sequence[SourceResult]) -> List[SourceOrganization]:
             if organization.mode is not None and found.mode not in (None, organization.mode):
                 raise SyncRefused(
                     f"organization {organization.name!r}: mode {organization.mode} "
-                    f"({organization.origin}) and {found.mode} ({found.origin})"
+                    f"({organization.mode_origin}) and {found.mode} ({found.mode_origin})"
                 )
-            found.mode = found.mode or organization.mode
+            if found.mode is None:
+                found.mode, found.mode_origin = organization.mode, organization.mode_origin
     return list(merged.values())
 
 
@@ -142,7 +144,9 @@ class Sync:
                     "permissions (relaymilter sync --force takes an empty result)"
                 )
 
-    def candidate(self, fetched: Sequence[Fetched]) -> Tuple[str, List[SourceOrganization]]:
+    def candidate(
+        self, fetched: Sequence[Fetched], old_text: Optional[str]
+    ) -> Tuple[str, List[SourceOrganization]]:
         """The new snapshot's text, validated with the config file exactly as check-config does."""
         organizations = merge([item.result for item in fetched if item.result is not None])
         text = snapshot.render(organizations)
@@ -150,8 +154,8 @@ class Sync:
         try:
             load_config(self.config_path, SnapshotText(text, label))
         except ConfigError as exc:
-            own = [issue for issue in exc.issues if issue.file == self.config_path]
-            if own:
+            if self.config_file_at_fault(exc, old_text):
+                own = [issue for issue in exc.issues if issue.file == self.config_path]
                 raise ConfigFileInvalid(
                     f"{len(own)} error(s) in {self.config_path} itself; fix it first:\n"
                     + "\n".join(str(issue) for issue in own)
@@ -160,6 +164,25 @@ class Sync:
                 f"the sources' organizations are not valid ({len(exc.issues)} error(s)):\n{exc}"
             ) from None
         return text, organizations
+
+    def config_file_at_fault(self, error: ConfigError, old_text: Optional[str]) -> bool:
+        """Whether the config file is wrong whatever the sources say.
+
+        An error in the file's organizations may be the sources' doing (a
+        domain its connector relies on is gone): it is the file's own only if
+        the file fails with the last good snapshot too. Any other error in the
+        file (its mode, socket, reply...) is the file's own.
+        """
+        own = [issue for issue in error.issues if issue.file == self.config_path]
+        if any(not issue.path.startswith("organizations") for issue in own):
+            return True
+        if not own or not old_text:
+            return False
+        try:
+            load_config(self.config_path, SnapshotText(old_text, self.settings.snapshot))
+        except ConfigError as again:
+            return any(issue.file == self.config_path for issue in again.issues)
+        return False
 
     def check_removals(self, change: Dict[str, snapshot.OrganizationChange], old: int) -> None:
         removed = snapshot.removed_domains(change)
@@ -190,7 +213,7 @@ def run(config_path: str, dry_run: bool, force: bool, out: IO[str], err: IO[str]
     try:
         with _lock(settings.status, dry_run):
             return _run_locked(Sync(config_path, settings, out, err, force), dry_run)
-    except BlockingIOError:
+    except LockBusy:
         err.write(
             f"relaymilter sync: another sync is running (it holds {settings.status}.lock); "
             "this one did nothing\n"
@@ -209,7 +232,7 @@ def _run_locked(sync: Sync, dry_run: bool) -> int:
     try:
         if failed:
             raise SyncRefused("; ".join(str(item.error) for item in failed))
-        text, organizations = sync.candidate(fetched)
+        text, organizations = sync.candidate(fetched, old_text)
         change: Dict[str, snapshot.OrganizationChange] = {}
         if text != old_text:  # the same text is the same organizations: nothing to compare
             old = snapshot.content_of_text(old_text) if old_text else {}
@@ -220,15 +243,29 @@ def _run_locked(sync: Sync, dry_run: bool) -> int:
         if not dry_run:
             _write_status(sync, fetched, str(exc), None, None)
         return EXIT_CONFIG if isinstance(exc, ConfigFileInvalid) else EXIT_FAILED
+    if not dry_run:
+        try:
+            _write_snapshot(sync, text, old_text)
+        except OSError as exc:
+            reason = f"cannot write the snapshot {sync.settings.snapshot}: {exc}"
+            sync.err.write(f"relaymilter sync: failed, the snapshot is unchanged: {reason}\n")
+            _write_status(sync, fetched, reason, None, None)
+            return EXIT_FAILED
     _report(sync, fetched, change, text == old_text, dry_run)
-    if dry_run:
-        return EXIT_OK
-    if text == old_text:
-        os.utime(sync.settings.snapshot)
-    else:
-        write_like(sync.settings.snapshot, text.encode("utf-8"), sync.config_path)
-    _write_status(sync, fetched, None, change if text != old_text else None, old_text is None)
+    if not dry_run:
+        _write_status(sync, fetched, None, change if text != old_text else None, old_text is None)
     return EXIT_OK
+
+
+def _write_snapshot(sync: Sync, text: str, old_text: Optional[str]) -> None:
+    """A new snapshot, or the same one confirmed: its modification time is its age."""
+    # A snapshot path that is a symbolic link (to shared storage, say) stays one.
+    path = os.path.realpath(sync.settings.snapshot)
+    if text == old_text:
+        match_permissions(path, sync.config_path)
+        os.utime(path)
+    else:
+        write_like(path, text.encode("utf-8"), sync.config_path)
 
 
 def plural(number: int, noun: str) -> str:
@@ -338,9 +375,10 @@ def write_like(path: str, data: bytes, like: str) -> None:
         with os.fdopen(handle, "wb") as stream:
             stream.write(data)
             stream.flush()
+            # The mode first: once the file is another user's, only its owner may change it.
+            os.fchmod(stream.fileno(), reference.st_mode & 0o777)
             if (reference.st_uid, reference.st_gid) != (os.geteuid(), os.getegid()):
                 os.fchown(stream.fileno(), reference.st_uid, reference.st_gid)
-            os.fchmod(stream.fileno(), reference.st_mode & 0o777)
             os.fsync(stream.fileno())
         os.rename(temporary, path)
     except BaseException:
@@ -354,6 +392,19 @@ def write_like(path: str, data: bytes, like: str) -> None:
         os.close(directory_handle)
 
 
+def match_permissions(path: str, like: str) -> None:
+    """Give ``path`` the owner, group and mode of ``like`` (an admin may change the config's)."""
+    reference, current = os.stat(like), os.stat(path)
+    if current.st_mode & 0o777 != reference.st_mode & 0o777:
+        os.chmod(path, reference.st_mode & 0o777)
+    if (current.st_uid, current.st_gid) != (reference.st_uid, reference.st_gid):
+        os.chown(path, reference.st_uid, reference.st_gid)
+
+
+class LockBusy(Exception):
+    """Another sync holds the lock."""
+
+
 @contextlib.contextmanager
 def _lock(status_path: str, dry_run: bool) -> Iterator[None]:
     """One sync at a time (a timer's and an admin's): the second one stops at once."""
@@ -362,7 +413,10 @@ def _lock(status_path: str, dry_run: bool) -> Iterator[None]:
         return
     os.makedirs(os.path.dirname(os.path.abspath(status_path)), exist_ok=True)
     with open(status_path + ".lock", "a") as lock:
-        fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        try:
+            fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise LockBusy() from None
         yield
 
 

@@ -186,10 +186,14 @@ def test_valid_source_settings(tmp_path: Path) -> None:
         ("host=db PASSWORD=x", False),
         ("postgresql://db/relay?password=x", False),
         ("host", False),
+        ("host=db password = 's3 cr3t", False),
+        ("postgresql://u:s3cr3t@[::1/db", False),
     ],
 )
 def test_conninfo_checks(conninfo: str, ok: bool) -> None:
-    assert (conninfo_problem(conninfo) is None) == ok
+    problem = conninfo_problem(conninfo)
+    assert (problem is None) == ok
+    assert "s3" not in (problem or "")  # never quoted back
 
 
 def test_a_missing_snapshot_is_an_error_that_says_to_sync(site: Path) -> None:
@@ -588,3 +592,79 @@ def test_a_monitor_only_config_keeps_deciding_on_a_stale_snapshot(site: Path) ->
         )
         assert ask(running, "192.0.2.5", "<>", "<a@outside.example>") == "continue"
         running.wait_for_log("action=would-reject")
+
+
+# -- after review -------------------------------------------------------------
+
+
+def test_the_watch_compares_content_not_inodes(site: Path) -> None:
+    from relaymilter import snapshotwatch
+
+    assert cli(site).returncode == 0
+    config = load_config(str(site / "relaymilter.yml"))
+    requests: list = []  # type: ignore[type-arg]
+    watch = snapshotwatch.SnapshotWatch(lambda: config, lambda: requests.append(1), lambda s: None)
+    watch.check()
+    assert requests == []
+    path = site / "relaymilter.snapshot.yml"
+    inode = path.stat().st_ino
+    # A new text in the very inode of the loaded one (ext4 reuses a freed inode).
+    path.write_text(path.read_text().replace("fabrikam.com", "fabrikam.org"))
+    assert path.stat().st_ino == inode
+    watch.check()
+    assert requests == [1]
+    watch.check()  # asked once per new text...
+    assert requests == [1]
+    snapshotwatch.RETRY_AFTER, saved = 0.0, snapshotwatch.RETRY_AFTER
+    try:
+        watch.check()  # ...and again later if that reload failed
+    finally:
+        snapshotwatch.RETRY_AFTER = saved
+    assert requests == [1, 1]
+
+
+def test_a_wider_domain_from_a_source_wins_and_is_said(site: Path) -> None:
+    fragment(
+        site,
+        "contoso.yml",
+        "organizations: [{name: Contoso, accepted_domains: "
+        "[{domain: contoso.com, match_subdomains: true}]}]\n",
+    )
+    assert cli(site).returncode == 0
+    config = load_config(str(site / "relaymilter.yml"))
+    assert config.organizations[0].accepts("mail.contoso.com")
+    assert any("the snapshot's match_subdomains applies" in w for w in config.warnings)
+
+
+def test_max_removed_domains_zero_means_zero(tmp_path: Path) -> None:
+    text = CONFIG.replace("max_removed_domains: 50%", "max_removed_domains: 0")
+    config = parse_config(
+        text, str(tmp_path / "relaymilter.yml"), SnapshotText("organizations: []", "s")
+    )
+    assert config.sources is not None and config.sources.max_removed_domains == 0
+
+
+def test_a_snapshot_that_cannot_be_written_fails_the_sync_and_says_so(site: Path) -> None:
+    text = CONFIG.replace("status: status.json", "status: status.json\n  snapshot: gone/s.yml")
+    (site / "relaymilter.yml").write_text(text)
+    result = cli(site)
+    assert result.returncode == 1
+    assert "cannot write the snapshot" in result.stderr and "wrote" not in result.stdout
+    assert "cannot write the snapshot" in status(site)["last_error"]
+
+
+def test_a_domain_a_source_takes_away_is_the_sources_fault_not_the_files(site: Path) -> None:
+    # Contoso's certificate connector (in the config file) needs contoso.com, which
+    # comes from a source: when the source drops it, the sync is refused (exit 1).
+    config = (site / "relaymilter.yml").read_text()
+    (site / "relaymilter.yml").write_text(config.replace("[contoso.com]", "[]"))
+    fragment(
+        site, "contoso.yml", "organizations: [{name: Contoso, accepted_domains: [contoso.com]}]\n"
+    )
+    assert cli(site).returncode == 0
+    fragment(
+        site, "contoso.yml", "organizations: [{name: Contoso, accepted_domains: [contoso.org]}]\n"
+    )
+    result = cli(site, "--force")
+    assert result.returncode == 1, result.stderr
+    assert "the sources' organizations are not valid" in result.stderr

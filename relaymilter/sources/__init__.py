@@ -38,6 +38,8 @@ class SourceOrganization:
     accepted_domains: List[SourceItem] = field(default_factory=list)
     connectors: List[SourceItem] = field(default_factory=list)
     mode: Optional[str] = None
+    #: Where the mode was set.
+    mode_origin: Optional[str] = None
 
 
 @dataclass

@@ -93,9 +93,10 @@ def _read_organization(
                 source,
                 path,
                 values["mode"],
-                f"organization {name!r} has mode {organization.mode} in {organization.origin}",
+                f"organization {name!r} has mode {organization.mode} in {organization.mode_origin}",
             )
         organization.mode = mode
+        organization.mode_origin = _origin(source, path, values["mode"])
     directory = os.path.dirname(path)
     for key, add in (
         ("accepted_domains", collector.add_domain),

@@ -229,7 +229,7 @@ def test_sync_writes_the_snapshot_the_running_daemon_reloads(sources: Guest) -> 
     guest.write(FRAGMENT, fragment("fabrikam.com", "fabrikam.net"))
     mark = guest.mark()
     assert start_sync(guest) == 0, sync_log(guest, mark)
-    assert "changed fabrikam: 1 domains added (fabrikam.net)" in sync_log(guest, mark)
+    assert "changed fabrikam: 1 domain added (fabrikam.net)" in sync_log(guest, mark)
     wait_for_log(guest, mark, f"snapshot: {SNAPSHOT} was replaced; reloading", pid)
     wait_for_log(guest, mark, "reload: loaded", pid)
     assert main_pid(guest) == pid and state(guest) == "active/running"
