@@ -196,14 +196,21 @@ class Sync:
         )
 
 
-def run(config_path: str, dry_run: bool, force: bool, out: IO[str], err: IO[str]) -> int:
+def _settings(config_path: str, err: IO[str]) -> Tuple[Optional[SourcesSettings], List[str]]:
+    """The sources: section, or None having said why (the caller exits 78)."""
     try:
         settings, warnings = load_sources_settings(config_path)
     except ConfigError as exc:
         err.write(f"relaymilter sync: {len(exc.issues)} error(s) in {config_path}:\n{exc}\n")
-        return EXIT_CONFIG
+        return None, []
     if settings is None:
         err.write(f"relaymilter sync: {config_path} has no sources: section; nothing to sync\n")
+    return settings, warnings
+
+
+def run(config_path: str, dry_run: bool, force: bool, out: IO[str], err: IO[str]) -> int:
+    settings, warnings = _settings(config_path, err)
+    if settings is None:
         return EXIT_CONFIG
     for warning in warnings:
         err.write(f"warning: {warning}\n")
@@ -422,13 +429,8 @@ def _lock(status_path: str, dry_run: bool) -> Iterator[None]:
 
 def show_status(config_path: str, as_json: bool, out: IO[str], err: IO[str]) -> int:
     """Exit 0 if the last sync succeeded and the snapshot is not stale, else 1."""
-    try:
-        settings, _warnings = load_sources_settings(config_path)
-    except ConfigError as exc:
-        err.write(f"relaymilter sync: {len(exc.issues)} error(s) in {config_path}:\n{exc}\n")
-        return EXIT_CONFIG
+    settings, _warnings = _settings(config_path, err)
     if settings is None:
-        err.write(f"relaymilter sync: {config_path} has no sources: section\n")
         return EXIT_CONFIG
     status = load_status(settings.status)
     freshness = snapshot_freshness(settings)

@@ -10,9 +10,7 @@ socket without a password, for setup. The host's own cluster is never touched.
 from __future__ import annotations
 
 import contextlib
-import datetime
 import io
-import ipaddress
 import os
 import pwd
 import shutil
@@ -22,11 +20,8 @@ from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import psycopg
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
+from .serverpki import CertificateAuthority
 from .support import REPO, free_port
 
 BIN_DIRS = (
@@ -76,65 +71,6 @@ def bin_dir() -> Path:
 def _clean_env() -> Dict[str, str]:
     """The environment without PG* variables, so nothing reaches the host's cluster."""
     return {k: v for k, v in os.environ.items() if not k.startswith("PG")}
-
-
-# -- certificates -------------------------------------------------------------
-
-
-def _ca(cn: str) -> Tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
-    now = datetime.datetime.now(datetime.timezone.utc)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(days=1))
-        .not_valid_after(now + datetime.timedelta(days=30))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(key, hashes.SHA256())
-    )
-    return key, cert
-
-
-def _server_certificate(
-    ca_key: ec.EllipticCurvePrivateKey, ca: x509.Certificate
-) -> Tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
-    key = ec.generate_private_key(ec.SECP256R1())
-    now = datetime.datetime.now(datetime.timezone.utc)
-    names: List[x509.GeneralName] = [
-        x509.DNSName("localhost"),
-        x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
-    ]
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")]))
-        .issuer_name(ca.subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(days=1))
-        .not_valid_after(now + datetime.timedelta(days=30))
-        .add_extension(x509.SubjectAlternativeName(names), critical=False)
-        .sign(ca_key, hashes.SHA256())
-    )
-    return key, cert
-
-
-def _pem(cert: x509.Certificate) -> bytes:
-    return cert.public_bytes(serialization.Encoding.PEM)
-
-
-def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
-    return key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
-    )
-
-
-# -- the server ---------------------------------------------------------------
 
 
 class PostgresServer:
@@ -202,14 +138,11 @@ class PostgresServer:
         self.password_file.write_text(PASSWORD + "\n")
 
     def _write_certificates(self) -> None:
-        ca_key, ca = _ca("relaymilter test PostgreSQL CA")
-        key, cert = _server_certificate(ca_key, ca)
-        _, other = _ca("relaymilter unrelated CA")
-        self.ca_file.write_bytes(_pem(ca))
-        self.other_ca_file.write_bytes(_pem(other))
-        (self.directory / "server.crt").write_bytes(_pem(cert))
+        ca = CertificateAuthority("relaymilter test PostgreSQL CA")
+        ca.write(self.ca_file)
+        CertificateAuthority("relaymilter unrelated CA").write(self.other_ca_file)
         key_file = self.directory / "server.key"
-        key_file.write_bytes(_key_pem(key))
+        ca.issue_server(self.directory / "server.crt", key_file)
         # PostgreSQL reads its key only if its own user owns it, mode 0600.
         account = pwd.getpwnam(RUN_AS)
         for name in ("server.crt", "server.key"):
