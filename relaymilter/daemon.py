@@ -46,7 +46,7 @@ from .model import Config
 from .notify import ServiceNotifier, milter_address
 from .snapshotwatch import SnapshotWatch
 from .socketspec import SocketSpec, SocketSpecError, parse_socket_spec
-from .syncstatus import load_status, status_line
+from .syncstatus import Freshness, load_status, status_line
 
 if TYPE_CHECKING:  # imported only with a metrics: section (prometheus_client)
     from .metrics import MetricsService, SnapshotView
@@ -83,7 +83,11 @@ class Daemon:
         config = RelayMilter.current_config
         text = f"{config.summary()}; {RelayMilter.counter.describe()}"
         if config.sources is not None:
-            text += f"; {status_line(config.sources, load_status(config.sources.status))}"
+            freshness = Freshness(
+                self._watch.synced_at(), config.sources.max_snapshot_age, time.time()
+            )
+            status = load_status(config.sources.status)
+            text += f"; {status_line(config.sources, status, freshness)}"
         return text
 
     def run(self) -> int:
@@ -298,6 +302,9 @@ def load_without_collections(path: str) -> Config:
     """
     enabled = gc.isenabled()
     interval = sys.getswitchinterval()
+    # Garbage cycles left now would be frozen for good; earlier configs are
+    # frozen already, so this walks only what was made since the last load.
+    gc.collect()
     gc.disable()
     sys.setswitchinterval(LOAD_SWITCH_INTERVAL)
     try:

@@ -158,11 +158,14 @@ Content = Dict[str, OrganizationContent]
 
 
 def content_of_text(text: str) -> Content:
-    """The organizations of a snapshot's text (one that sync wrote, so well-formed)."""
+    """The organizations of a snapshot's text; a damaged one counts as empty (it is replaced)."""
     try:
-        data = yaml.load(text, Loader=_LOADER) or {}
-    except yaml.YAMLError:
-        return {}  # a damaged snapshot: replaced by a good one, compared as empty
+        return _content_of_data(yaml.load(text, Loader=_LOADER) or {})
+    except (yaml.YAMLError, TypeError, AttributeError, ValueError):
+        return {}
+
+
+def _content_of_data(data: Any) -> Content:
     items = (data.get("organizations") or []) if isinstance(data, dict) else []
     return _content(
         (str(o.get("name")), o.get("accepted_domains") or [], o.get("connectors") or [])

@@ -1,7 +1,7 @@
 """The daemon's eye on the snapshot: reload a new one, and know how old the one in use is.
 
-``relaymilter sync`` replaces the snapshot by renaming a new file over it, or,
-when nothing changed, only refreshes its modification time. Checking the file
+``relaymilter sync`` replaces the snapshot by renaming a new file over it, the
+same text too when nothing changed (its modification time is its age). Checking the file
 every few seconds costs one stat(2); when anything about it changed, its text
 is hashed and compared with the snapshot in use (a new file may well get the
 inode of the one loaded two syncs ago). This needs no signal from sync (so
@@ -123,10 +123,14 @@ class SnapshotWatch:
             return
         monotonic = time.monotonic()
         requested = self._requested
-        if requested is None or requested[0] != digest or monotonic - requested[1] > RETRY_AFTER:
-            # A new snapshot; or one whose reload failed, tried again now and then.
+        if requested is None or requested[0] != digest:
             self._requested = (digest, monotonic)
             logger.info("snapshot: %s was replaced; reloading", config.snapshot.path)
+            self._request_reload()
+        elif monotonic - requested[1] > RETRY_AFTER:
+            # Its reload failed (see the log): tried again now and then.
+            self._requested = (digest, monotonic)
+            logger.info("snapshot: %s is not the one in use; reloading again", config.snapshot.path)
             self._request_reload()
 
     def _is_stale(self, config: Config, now: Optional[float]) -> bool:

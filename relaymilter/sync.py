@@ -4,9 +4,9 @@ All or nothing: a source that fails, a result that does not validate, or one
 that would remove more than ``max_removed_domains`` of the snapshot's domains
 leaves the last good snapshot in place, records why in the status file, and
 exits non-zero. When every source answered, the snapshot is written (atomic
-rename, the config file's owner, group and mode) or, if nothing changed, its
-modification time is refreshed: that time is the snapshot's age. The daemon
-notices the new file (it checks every few seconds) and reloads it; sync needs
+rename, the config file's owner, group and mode), the same text too if
+nothing changed: its modification time is the snapshot's age. The daemon
+notices a new text (it checks every few seconds) and reloads it; sync needs
 no right over the daemon, and the daemon never reads a source's credentials.
 
 Exit status: 0 done (or, with --dry-run, shown), 1 a source failed or its
@@ -16,6 +16,7 @@ result was refused, 75 another sync holds the lock, 78 the config is unusable.
 from __future__ import annotations
 
 import contextlib
+import copy
 import errno
 import fcntl
 import gc
@@ -44,6 +45,8 @@ EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_BUSY = 75  # sysexits.h EX_TEMPFAIL
 EXIT_CONFIG = 78  # sysexits.h EX_CONFIG
+#: Organizations whose changes the status file keeps (the count of the others too).
+CHANGED_ORGANIZATIONS_KEPT = 100
 
 _FETCHERS = {"ldap": "relaymilter.sources.ldap", "postgresql": "relaymilter.sources.postgresql"}
 _FETCHERS["files"] = "relaymilter.sources.files"
@@ -114,7 +117,7 @@ class Sync:
         self.out = out
         self.err = err
         self.force = force
-        self.status: Status = load_status(settings.status)
+        self.status: Status = copy.deepcopy(load_status(settings.status))
         self.now = time.time()
 
     def fetch_all(self) -> List[Fetched]:
@@ -174,7 +177,7 @@ class Sync:
         file (its mode, socket, reply...) is the file's own.
         """
         own = [issue for issue in error.issues if issue.file == self.config_path]
-        if any(not issue.path.startswith("organizations") for issue in own):
+        if any(issue.path.split("[")[0].split(".")[0] != "organizations" for issue in own):
             return True
         if not own or not old_text:
             return False
@@ -252,7 +255,7 @@ def _run_locked(sync: Sync, dry_run: bool) -> int:
         return EXIT_CONFIG if isinstance(exc, ConfigFileInvalid) else EXIT_FAILED
     if not dry_run:
         try:
-            _write_snapshot(sync, text, old_text)
+            _write_snapshot(sync, text)
         except OSError as exc:
             reason = f"cannot write the snapshot {sync.settings.snapshot}: {exc}"
             sync.err.write(f"relaymilter sync: failed, the snapshot is unchanged: {reason}\n")
@@ -264,15 +267,17 @@ def _run_locked(sync: Sync, dry_run: bool) -> int:
     return EXIT_OK
 
 
-def _write_snapshot(sync: Sync, text: str, old_text: Optional[str]) -> None:
-    """A new snapshot, or the same one confirmed: its modification time is its age."""
+def _write_snapshot(sync: Sync, text: str) -> None:
+    """A new snapshot, or the same one confirmed: its modification time is its age.
+
+    The same text is written anew too (not touched): that needs no right over
+    the old file, which the unit's root without CAP_FOWNER may not have, and it
+    follows the config file's owner and mode. The daemon compares contents, so
+    the same text is not reloaded.
+    """
     # A snapshot path that is a symbolic link (to shared storage, say) stays one.
     path = os.path.realpath(sync.settings.snapshot)
-    if text == old_text:
-        match_permissions(path, sync.config_path)
-        os.utime(path)
-    else:
-        write_like(path, text.encode("utf-8"), sync.config_path)
+    write_like(path, text.encode("utf-8"), sync.config_path)
 
 
 def plural(number: int, noun: str) -> str:
@@ -343,10 +348,13 @@ def _write_status(
     if error is None:
         status["last_success"] = sync.now
     if change is not None:
+        # Bounded: the daemon reads this file for its status line and metrics.
+        shown = list(change.items())[:CHANGED_ORGANIZATIONS_KEPT]
         status["last_change"] = {
             "at": sync.now,
             "first": bool(first),
-            "organizations": {name: c.as_json() for name, c in change.items()},
+            "organizations": {name: c.as_json() for name, c in shown},
+            "more_organizations": len(change) - len(shown),
         }
     data = json.dumps(status, indent=1, sort_keys=True, ensure_ascii=True) + "\n"
     try:
@@ -397,15 +405,6 @@ def write_like(path: str, data: bytes, like: str) -> None:
         os.fsync(directory_handle)
     finally:
         os.close(directory_handle)
-
-
-def match_permissions(path: str, like: str) -> None:
-    """Give ``path`` the owner, group and mode of ``like`` (an admin may change the config's)."""
-    reference, current = os.stat(like), os.stat(path)
-    if current.st_mode & 0o777 != reference.st_mode & 0o777:
-        os.chmod(path, reference.st_mode & 0o777)
-    if (current.st_uid, current.st_gid) != (reference.st_uid, reference.st_gid):
-        os.chown(path, reference.st_uid, reference.st_gid)
 
 
 class LockBusy(Exception):

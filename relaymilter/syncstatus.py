@@ -4,16 +4,17 @@ Written by ``relaymilter sync`` (atomically, like the snapshot); read by
 ``relaymilter sync --status`` and by the daemon for its status line, in the
 spirit of Exchange's ``Test-EdgeSynchronization``. Plain JSON, so a monitoring
 check can read it too. The snapshot's own modification time is its age: sync
-refreshes it whenever every source answered, changed or not.
+rewrites it whenever every source answered, changed or not.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 from .safefile import UnsafeFileError, read_regular_file
 from .snapshot import CHANGE_KEYS, describe_count
@@ -25,13 +26,33 @@ STATUS_FILE_LIMIT = 16 * 1024 * 1024
 Status = Dict[str, Any]
 
 
+_cache: Dict[str, Tuple[Tuple[int, int, int, int], Status]] = {}
+_cache_lock = threading.Lock()
+
+
 def load_status(path: str) -> Status:
-    """The status file's content; empty when there is none yet or it cannot be read."""
+    """The status file's content; empty when there is none yet or it cannot be read.
+
+    The daemon reads it for every status line and metrics scrape: it is parsed
+    again only when the file changed.
+    """
+    try:
+        info = os.stat(path)
+    except OSError:
+        return {}
+    key = (info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns)
+    with _cache_lock:
+        cached = _cache.get(path)
+    if cached is not None and cached[0] == key:
+        return cached[1]
     try:
         data = json.loads(read_regular_file(path, STATUS_FILE_LIMIT, "the sync status"))
     except (UnsafeFileError, ValueError):
         return {}
-    return data if isinstance(data, dict) else {}
+    status: Status = data if isinstance(data, dict) else {}
+    with _cache_lock:
+        _cache[path] = (key, status)
+    return status
 
 
 @dataclass(frozen=True)
@@ -79,9 +100,15 @@ def describe_time(stamp: Optional[float]) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(stamp))
 
 
-def status_line(settings: SourcesSettings, status: Status, now: Optional[float] = None) -> str:
-    """One line for the daemon's status: the snapshot's age and the last sync's outcome."""
-    freshness = snapshot_freshness(settings, now)
+def status_line(
+    settings: SourcesSettings, status: Status, freshness: Optional[Freshness] = None
+) -> str:
+    """One line for a status: the snapshot's age and the last sync's outcome.
+
+    ``freshness``: the daemon's own view of the snapshot it uses; by default,
+    the file's.
+    """
+    freshness = freshness or snapshot_freshness(settings)
     parts = [f"snapshot {describe_age(freshness.age)} old"]
     if freshness.stale:
         parts[0] += " (STALE: answering 451)"
@@ -167,6 +194,9 @@ def _describe_change(change: Any) -> List[str]:
             extra = f" and {more} more" if more > 0 else ""
             described.append(f"{describe_count(key, value['count'])} ({examples}{extra})")
         lines.append(f"  {name}: " + "; ".join(described))
+    more = change.get("more_organizations") or 0
+    if more:
+        lines.append(f"  and {more} more organizations")
     return lines
 
 
