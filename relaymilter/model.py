@@ -279,15 +279,16 @@ class Config:
         connectors = [c for o in self.organizations for c in o.connectors]
         certificate = sum(1 for c in connectors if c.is_certificate_connector)
         return (
-            f"{_count(len(self.organizations), 'organization')}, "
-            f"{_count(domains, 'accepted domain')}, "
-            f"{_count(len(connectors), 'connector')} "
+            f"{plural(len(self.organizations), 'organization')}, "
+            f"{plural(domains, 'accepted domain')}, "
+            f"{plural(len(connectors), 'connector')} "
             f"({certificate} certificate, {len(connectors) - certificate} ip), "
             f"{self.modes()}"
         )
 
 
-def _count(number: int, noun: str) -> str:
+def plural(number: int, noun: str) -> str:
+    """``3 connectors``, ``1 connector``."""
     return f"{number} {noun}{'' if number == 1 else 's'}"
 
 

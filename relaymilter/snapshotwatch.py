@@ -26,7 +26,7 @@ from typing import Callable, Optional, Tuple
 from .config import SNAPSHOT_FILE_LIMIT, config_identity
 from .model import Config
 from .safefile import read_regular_file
-from .syncstatus import describe_age
+from .syncstatus import Freshness, describe_age
 
 logger = logging.getLogger("relaymilter")
 
@@ -135,11 +135,10 @@ class SnapshotWatch:
 
     def _is_stale(self, config: Config, now: Optional[float]) -> bool:
         assert config.sources is not None
-        limit = config.sources.max_snapshot_age
-        synced_at = self.synced_at()
-        if limit is None or synced_at is None:
+        if config.snapshot is None:
             return False
-        return (time.time() if now is None else now) - synced_at > limit
+        moment = time.time() if now is None else now
+        return Freshness(self.synced_at(), config.sources.max_snapshot_age, moment).stale
 
     def _mark(self, stale: bool, config: Config) -> None:
         if stale == self.stale:

@@ -36,6 +36,7 @@ from .config import (
     load_config,
     load_sources_settings,
 )
+from .model import plural
 from .safefile import UnsafeFileError, read_regular_file
 from .sources import SourceError, SourceOrganization, SourceResult
 from .sources.settings import Source, SourcesSettings
@@ -278,10 +279,6 @@ def _write_snapshot(sync: Sync, text: str) -> None:
     # A snapshot path that is a symbolic link (to shared storage, say) stays one.
     path = os.path.realpath(sync.settings.snapshot)
     write_like(path, text.encode("utf-8"), sync.config_path)
-
-
-def plural(number: int, noun: str) -> str:
-    return f"{number} {noun}{'' if number == 1 else 's'}"
 
 
 def _old_snapshot(path: str) -> Optional[str]:

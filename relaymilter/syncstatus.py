@@ -16,6 +16,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Tuple
 
+from .model import plural
 from .safefile import UnsafeFileError, read_regular_file
 from .snapshot import CHANGE_KEYS, describe_count
 from .sources.settings import SourcesSettings
@@ -162,11 +163,11 @@ def _describe_source(name: str, source: Dict[str, Any], now: float) -> List[str]
     )
     if success:
         counts = ", ".join(
-            _plural(source.get(key, 0), key[:-1])
+            plural(source.get(key, 0), key[:-1])
             for key in ("organizations", "domains", "connectors")
         )
         lines.append(
-            f"  read {_plural(source.get('records', 0), 'record')} in "
+            f"  read {plural(source.get('records', 0), 'record')} in "
             f"{source.get('seconds', 0):.2f} s from {source.get('detail', '?')}: {counts}"
         )
     if source.get("last_error"):
@@ -198,7 +199,3 @@ def _describe_change(change: Any) -> List[str]:
     if more:
         lines.append(f"  and {more} more organizations")
     return lines
-
-
-def _plural(number: int, noun: str) -> str:
-    return f"{number} {noun}{'' if number == 1 else 's'}"
