@@ -21,7 +21,7 @@ import milter
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from relaymilter.milter import LOCAL_PROTOCOL, MAIL_MACROS, RCPT_MACROS
+from relaymilter.daemon.milter import LOCAL_PROTOCOL, MAIL_MACROS, RCPT_MACROS
 
 
 class FloorMilter(Milter.Base):  # type: ignore[misc]

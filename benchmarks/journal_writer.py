@@ -55,8 +55,8 @@ def _timed(label: str, count: int, send: Callable[[], None]) -> None:
 def measure(count: int) -> None:
     from systemd import journal as systemd_journal
 
-    from relaymilter.journal import FIELDS_ATTR, JournalHandler
-    from relaymilter.record import DecisionRecord
+    from relaymilter.decisionlog.journal import FIELDS_ATTR, JournalHandler
+    from relaymilter.decisionlog.record import DecisionRecord
 
     os.makedirs(os.path.dirname(SOCKET), exist_ok=True)
     server = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)

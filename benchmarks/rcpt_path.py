@@ -49,8 +49,13 @@ class Context:
 def measure(checkout: Path, count: int) -> float:
     sys.path.insert(0, str(checkout))
     from relaymilter.config import load_config
-    from relaymilter.journal import configure_logging
-    from relaymilter.milter import RelayMilter
+
+    try:
+        from relaymilter.daemon.milter import RelayMilter
+        from relaymilter.decisionlog.journal import configure_logging
+    except ImportError:  # a checkout from before the layered packages (issue 15)
+        from relaymilter.journal import configure_logging  # type: ignore[no-redef]
+        from relaymilter.milter import RelayMilter  # type: ignore[no-redef]
 
     sys.stderr = open(os.devnull, "w")  # noqa: SIM115 - the handler writes here
     configure_logging(logging.INFO)

@@ -2,7 +2,7 @@
 
     .venv/bin/python -m benchmarks.report_scale [--records 1000000] [--journal]
 
-Writes N records (the test traffic of tests/decisionlog.py, with varied clients,
+Writes N records (the test traffic of tests/traffic.py, with varied clients,
 queue ids and recipients, about 2,000 groups) as a syslog file and, with
 --journal, as journal files made by systemd-journal-remote, then runs
 ``relaymilter report`` and ``relaymilter replay`` over each in a child process
@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 from typing import Iterator, List
 
-from tests import decisionlog
+from tests import traffic as decisionlog
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -88,8 +88,8 @@ def rss_kib() -> Tuple[int, int]:
 
 def sample_inputs(config: Any, count: int, seed: int) -> List[Tuple[Any, Any, str, str]]:
     """(client address, presented certificate, MAIL FROM, RCPT TO) tuples."""
-    from relaymilter.networks import parse_client_address
-    from relaymilter.tlsidentity import certificate_from_mapping
+    from relaymilter.core.networks import parse_client_address
+    from relaymilter.core.tlsidentity import certificate_from_mapping
 
     rng = random.Random(seed)
     networks = [
@@ -134,7 +134,7 @@ def sample_inputs(config: Any, count: int, seed: int) -> List[Tuple[Any, Any, st
 def measure_one(domains: int, connectors: int, samples: int) -> Dict[str, Any]:
     """Runs in a fresh interpreter: load, memory, decision latency."""
     from relaymilter.config import load_config
-    from relaymilter.policy import Transaction
+    from relaymilter.core.policy import Transaction
 
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "scale.yml"

@@ -9,7 +9,8 @@ from __future__ import annotations
 import sys
 from typing import Optional
 
-from relaymilter import cli, policy
+from relaymilter import cli
+from relaymilter.core import policy
 
 _decide = policy.Transaction.decide
 

@@ -198,7 +198,8 @@ def running_daemon(
 # daemon.load_config is wrapped: the signals, threads and socket are real.
 _GATED_RELOAD = """\
 import logging, os, sys, time
-from relaymilter import cli, daemon
+from relaymilter import cli
+from relaymilter.daemon import milterservice as daemon
 
 release = sys.argv.pop(1)
 load_config = daemon.load_config

@@ -20,7 +20,7 @@ from typing import Dict, FrozenSet, Optional, Tuple
 
 import idna
 
-from .safefile import UnsafeFileError, read_regular_file
+from ..base.safefile import UnsafeFileError, read_regular_file
 
 DEFAULT_PATH = "/usr/share/publicsuffix/public_suffix_list.dat"
 ENVIRONMENT_VARIABLE = "RELAYMILTER_PUBLIC_SUFFIX_LIST"

@@ -10,12 +10,12 @@ from __future__ import annotations
 import importlib.util
 import os
 import re
-from typing import TYPE_CHECKING, Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 from urllib.parse import unquote, urlsplit
 
 from yaml.nodes import Node
 
-from .sources.settings import (
+from ..core.sourcesettings import (
     AD_ACCEPTED_DOMAIN_ATTRIBUTE,
     AD_ACCEPTED_DOMAIN_FILTER,
     PRESET_ACTIVE_DIRECTORY,
@@ -27,9 +27,8 @@ from .sources.settings import (
     Source,
     SourcesSettings,
 )
-
-if TYPE_CHECKING:
-    from .config import _Field, _Reader
+from . import keys
+from .reader import Field, NodeReader
 
 DEFAULT_STATUS = "/var/lib/relaymilter/sync-status.json"
 DEFAULT_MAX_REMOVED = 0.25
@@ -46,25 +45,16 @@ def default_snapshot(config_path: str) -> str:
     return os.path.join(os.path.dirname(os.path.abspath(config_path)), f"{stem}.snapshot.yml")
 
 
-def read_sources(reader: _Reader, field: _Field) -> Optional[SourcesSettings]:
-    allowed = (
-        "snapshot",
-        "status",
-        "max_snapshot_age",
-        "max_removed_domains",
-        "files",
-        "ldap",
-        "postgresql",
-    )
-    fields = reader.fields(field[1], "sources", allowed)
+def read_sources(reader: NodeReader, field: Field) -> Optional[SourcesSettings]:
+    fields = reader.fields(field[1], "sources", keys.SOURCES)
     if fields is None:
         return None
     snapshot = default_snapshot(reader.path)
     if "snapshot" in fields:
-        snapshot = _path(reader, fields["snapshot"][1], "sources.snapshot") or snapshot
+        snapshot = reader.relative_path(fields["snapshot"][1], "sources.snapshot") or snapshot
     status = DEFAULT_STATUS
     if "status" in fields:
-        status = _path(reader, fields["status"][1], "sources.status") or status
+        status = reader.relative_path(fields["status"][1], "sources.status") or status
     max_age = None
     if "max_snapshot_age" in fields:
         max_age = read_duration(reader, fields["max_snapshot_age"][1], "sources.max_snapshot_age")
@@ -88,7 +78,7 @@ def read_sources(reader: _Reader, field: _Field) -> Optional[SourcesSettings]:
     return SourcesSettings(snapshot, status, max_age, max_removed, tuple(sources))
 
 
-def _check_names(reader: _Reader, node: Node, sources: List[Source]) -> None:
+def _check_names(reader: NodeReader, node: Node, sources: List[Source]) -> None:
     seen: Dict[str, str] = {}
     for source in sources:
         if source.name in seen:
@@ -109,7 +99,7 @@ _LIBRARIES = {
 }
 
 
-def _check_libraries(reader: _Reader, fields: Dict[str, _Field], sources: List[Source]) -> None:
+def _check_libraries(reader: NodeReader, fields: Dict[str, Field], sources: List[Source]) -> None:
     """Looked up, not imported: the daemon never needs them, only relaymilter sync does."""
     for kind in sorted({source.kind for source in sources} & set(_LIBRARIES)):
         module, packages = _LIBRARIES[kind]
@@ -125,7 +115,7 @@ def _check_libraries(reader: _Reader, fields: Dict[str, _Field], sources: List[S
             )
 
 
-def read_duration(reader: _Reader, node: Node, path: str) -> Optional[float]:
+def read_duration(reader: NodeReader, node: Node, path: str) -> Optional[float]:
     """``90``, ``90s``, ``15m``, ``2h`` or ``1d``."""
     value = reader.scalar(node, path, (int, float, str), "a duration such as 90s, 15m, 2h or 1d")
     if value is None:
@@ -138,7 +128,7 @@ def read_duration(reader: _Reader, node: Node, path: str) -> Optional[float]:
     return seconds
 
 
-def _share(reader: _Reader, node: Node, path: str) -> Optional[float]:
+def _share(reader: NodeReader, node: Node, path: str) -> Optional[float]:
     value = reader.scalar(node, path, (int, float, str), "a share such as 25% or 0.25")
     if value is None:
         return None
@@ -153,12 +143,7 @@ def _share(reader: _Reader, node: Node, path: str) -> Optional[float]:
     return share
 
 
-def _path(reader: _Reader, node: Node, path: str) -> Optional[str]:
-    text = reader.string(node, path)
-    return os.path.join(reader.base_dir, text) if text is not None else None
-
-
-def _name(reader: _Reader, fields: Dict[str, _Field], path: str) -> Optional[str]:
+def _name(reader: NodeReader, fields: Dict[str, Field], path: str) -> Optional[str]:
     if "name" not in fields:
         return None
     return reader.name(fields["name"][1], path + ".name")
@@ -167,13 +152,13 @@ def _name(reader: _Reader, fields: Dict[str, _Field], path: str) -> Optional[str
 # -- files -------------------------------------------------------------------
 
 
-def _read_files(reader: _Reader, node: Node, path: str) -> Optional[Source]:
-    fields = reader.fields(node, path, ("name", "directory", "pattern"), ("name", "directory"))
+def _read_files(reader: NodeReader, node: Node, path: str) -> Optional[Source]:
+    fields = reader.fields(node, path, keys.FILES_SOURCE)
     if fields is None:
         return None
     name = _name(reader, fields, path)
     directory = (
-        _path(reader, fields["directory"][1], path + ".directory")
+        reader.relative_path(fields["directory"][1], path + ".directory")
         if "directory" in fields
         else None
     )
@@ -191,25 +176,9 @@ def _read_files(reader: _Reader, node: Node, path: str) -> Optional[Source]:
 
 # -- LDAP --------------------------------------------------------------------
 
-_LDAP_KEYS = (
-    "name",
-    "preset",
-    "organization",
-    "uris",
-    "base",
-    "bind_dn",
-    "password_file",
-    "starttls",
-    "ca_file",
-    "timeout",
-    "page_size",
-    "accepted_domains",
-    "connectors",
-)
 
-
-def _read_ldap(reader: _Reader, node: Node, path: str) -> Optional[Source]:
-    fields = reader.fields(node, path, _LDAP_KEYS, required=("name", "uris"))
+def _read_ldap(reader: NodeReader, node: Node, path: str) -> Optional[Source]:
+    fields = reader.fields(node, path, keys.LDAP_SOURCE)
     if fields is None:
         return None
     name = _name(reader, fields, path)
@@ -225,14 +194,14 @@ def _read_ldap(reader: _Reader, node: Node, path: str) -> Optional[Source]:
     bind_dn = _optional_string(reader, fields, "bind_dn", path)
     password_file = None
     if "password_file" in fields:
-        password_file = _path(reader, fields["password_file"][1], path + ".password_file")
+        password_file = reader.relative_path(fields["password_file"][1], path + ".password_file")
     if bind_dn is not None and password_file is None:
         reader.error(node, path + ".password_file", "bind_dn needs a password_file")
     if password_file is not None and bind_dn is None:
         reader.error(node, path + ".bind_dn", "password_file needs a bind_dn")
     ca_file = None
     if "ca_file" in fields:
-        ca_file = _path(reader, fields["ca_file"][1], path + ".ca_file")
+        ca_file = reader.relative_path(fields["ca_file"][1], path + ".ca_file")
         if ca_file is not None and not os.path.isfile(ca_file):
             reader.error(fields["ca_file"][1], path + ".ca_file", f"{ca_file} is not a file")
     _check_ldap_transport(reader, fields, path, uris, starttls, bind_dn)
@@ -275,7 +244,9 @@ def _mappings_have_base(
     return bool(mappings) and all(m.base is not None for m in mappings)
 
 
-def _ldap_uris(reader: _Reader, fields: Dict[str, _Field], path: str, starttls: bool) -> List[str]:
+def _ldap_uris(
+    reader: NodeReader, fields: Dict[str, Field], path: str, starttls: bool
+) -> List[str]:
     if "uris" not in fields:
         return []
     node = fields["uris"][1]
@@ -300,8 +271,8 @@ def _ldap_uris(reader: _Reader, fields: Dict[str, _Field], path: str, starttls: 
 
 
 def _check_ldap_transport(
-    reader: _Reader,
-    fields: Dict[str, _Field],
+    reader: NodeReader,
+    fields: Dict[str, Field],
     path: str,
     uris: List[str],
     starttls: bool,
@@ -321,7 +292,7 @@ def _check_ldap_transport(
 
 
 def _ldap_mappings(
-    reader: _Reader, node: Node, fields: Dict[str, _Field], path: str, preset: Optional[str]
+    reader: NodeReader, node: Node, fields: Dict[str, Field], path: str, preset: Optional[str]
 ) -> Tuple[Optional[LdapDomainMapping], Optional[LdapConnectorMapping]]:
     organization = _optional_name(reader, fields, "organization", path)
     if preset == PRESET_ACTIVE_DIRECTORY:
@@ -351,11 +322,10 @@ def _ldap_mappings(
 
 
 def _domain_mapping(
-    reader: _Reader, node: Node, path: str, organization: Optional[str]
+    reader: NodeReader, node: Node, path: str, organization: Optional[str]
 ) -> Optional[LdapDomainMapping]:
     path += ".accepted_domains"
-    keys = ("filter", "base", "domain_attribute", "organization_attribute")
-    fields = reader.fields(node, path, keys, required=("filter", "domain_attribute"))
+    fields = reader.fields(node, path, keys.LDAP_DOMAIN_MAPPING)
     if fields is None:
         return None
     values = _mapping_values(reader, fields, path)
@@ -372,19 +342,10 @@ def _domain_mapping(
 
 
 def _connector_mapping(
-    reader: _Reader, node: Node, path: str, organization: Optional[str]
+    reader: NodeReader, node: Node, path: str, organization: Optional[str]
 ) -> Optional[LdapConnectorMapping]:
     path += ".connectors"
-    keys = (
-        "filter",
-        "base",
-        "name_attribute",
-        "organization_attribute",
-        "sender_ip_addresses_attribute",
-        "tls_sender_certificate_name_attribute",
-        "trusted_issuers_attribute",
-    )
-    fields = reader.fields(node, path, keys, required=("filter", "name_attribute"))
+    fields = reader.fields(node, path, keys.LDAP_CONNECTOR_MAPPING)
     if fields is None:
         return None
     values = _mapping_values(reader, fields, path)
@@ -403,7 +364,7 @@ def _connector_mapping(
     )
 
 
-def _mapping_values(reader: _Reader, fields: Dict[str, _Field], path: str) -> Dict[str, str]:
+def _mapping_values(reader: NodeReader, fields: Dict[str, Field], path: str) -> Dict[str, str]:
     values: Dict[str, str] = {}
     for key, (_key_node, value_node) in fields.items():
         text = reader.string(value_node, f"{path}.{key}")
@@ -421,9 +382,9 @@ def _mapping_values(reader: _Reader, fields: Dict[str, _Field], path: str) -> Di
 
 
 def _owner(
-    reader: _Reader,
+    reader: NodeReader,
     node: Node,
-    fields: Dict[str, _Field],
+    fields: Dict[str, Field],
     path: str,
     organization: Optional[str],
 ) -> Optional[str]:
@@ -458,7 +419,7 @@ def _balanced_filter(text: str) -> bool:
 
 
 def _optional_string(
-    reader: _Reader, fields: Dict[str, _Field], key: str, path: str
+    reader: NodeReader, fields: Dict[str, Field], key: str, path: str
 ) -> Optional[str]:
     if key not in fields:
         return None
@@ -467,7 +428,7 @@ def _optional_string(
 
 
 def _optional_name(
-    reader: _Reader, fields: Dict[str, _Field], key: str, path: str
+    reader: NodeReader, fields: Dict[str, Field], key: str, path: str
 ) -> Optional[str]:
     if key not in fields:
         return None
@@ -476,18 +437,9 @@ def _optional_name(
 
 # -- PostgreSQL --------------------------------------------------------------
 
-_PG_KEYS = (
-    "name",
-    "conninfo",
-    "password_file",
-    "timeout",
-    "accepted_domains_query",
-    "connectors_query",
-)
 
-
-def _read_postgresql(reader: _Reader, node: Node, path: str) -> Optional[Source]:
-    fields = reader.fields(node, path, _PG_KEYS, required=("name", "conninfo"))
+def _read_postgresql(reader: NodeReader, node: Node, path: str) -> Optional[Source]:
+    fields = reader.fields(node, path, keys.POSTGRESQL_SOURCE)
     if fields is None:
         return None
     name = _name(reader, fields, path)
@@ -500,7 +452,7 @@ def _read_postgresql(reader: _Reader, node: Node, path: str) -> Optional[Source]
             conninfo = None
     password_file = None
     if "password_file" in fields:
-        password_file = _path(reader, fields["password_file"][1], path + ".password_file")
+        password_file = reader.relative_path(fields["password_file"][1], path + ".password_file")
     timeout = DEFAULT_TIMEOUT
     if "timeout" in fields:
         timeout = read_duration(reader, fields["timeout"][1], path + ".timeout") or timeout
@@ -538,21 +490,21 @@ def conninfo_problem(conninfo: str) -> Optional[str]:
             return "has a password: put it in password_file (or ~/.pgpass), never in the config"
         return None
     position = 0
-    keys = []
+    names: List[str] = []
     while position < len(text):
         match = _CONNINFO_PAIR.match(text, position)
         if match is None or match.end() == position:
-            if "password" in keys:
+            if "password" in names:
                 break
             # Not quoted back: what follows may be a password.
             return (
                 f"is not a libpq connection string (key=value ... or a URI): "
                 f"cannot read it from character {position + 1} on"
             )
-        keys.append(match.group(1).lower())
+        names.append(match.group(1).lower())
         position = match.end()
         while position < len(text) and text[position].isspace():
             position += 1
-    if "password" in keys:
+    if "password" in names:
         return "has a password: put it in password_file (or ~/.pgpass), never in the config"
     return None

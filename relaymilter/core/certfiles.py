@@ -17,7 +17,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.x509.oid import NameOID
 
-from .safefile import CERTIFICATE_FILE_LIMIT, UnsafeFileError, read_regular_file
+from ..base.safefile import CERTIFICATE_FILE_LIMIT, UnsafeFileError, read_regular_file
 
 # Sendmail's {cert_fp} uses CertFingerprintAlgorithm (any OpenSSL digest) and
 # {cert_md5} MD5; keep every digest an admin is likely to configure.

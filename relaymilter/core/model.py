@@ -12,7 +12,7 @@ from typing import Dict, FrozenSet, List, Optional, Tuple
 from .certfiles import CertificateFile
 from .certnames import CertificateNameIndex, CertificatePattern
 from .networks import IPAddress, IPNetwork, NetworkTable
-from .sources.settings import SourcesSettings
+from .sourcesettings import SourcesSettings
 from .tlsidentity import PresentedCertificate
 
 MODE_ENFORCE = "enforce"

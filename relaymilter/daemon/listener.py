@@ -25,8 +25,8 @@ from typing import Iterator, Optional
 
 import milter
 
-from .safefile import describe_kind
-from .socketspec import SocketSpec
+from ..base.safefile import describe_kind
+from ..base.socketspec import SocketSpec
 
 logger = logging.getLogger("relaymilter")
 

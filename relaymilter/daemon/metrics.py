@@ -35,11 +35,11 @@ from prometheus_client.exposition import choose_encoder, generate_latest
 from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
 
-from . import __version__
-from .model import Attribution, Config, MetricsSettings
-from .policy import Decision
-from .sources.settings import SourcesSettings
-from .syncstatus import load_status
+from .. import __version__
+from ..core.model import Attribution, Config, MetricsSettings
+from ..core.policy import Decision
+from ..core.sourcesettings import SourcesSettings
+from ..sync.status import load_status
 
 logger = logging.getLogger("relaymilter")
 

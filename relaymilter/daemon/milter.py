@@ -16,14 +16,14 @@ from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional
 
 import Milter
 
-from .domains import strip_envelope
-from .journal import FIELDS_ATTR
-from .logfmt import log_fields, quote
-from .model import ON_ERROR_TEMPFAIL, STALE_SNAPSHOT_REPLY, TEMPFAIL_REPLY, Config, Reply
-from .networks import IPAddress, parse_client_address
-from .policy import REFUSING_ACTIONS, Decision, Transaction
-from .record import DecisionRecord, QuotedRecord, certificate_fields
-from .tlsidentity import certificate_from_mapping, certificate_macros
+from ..core.domains import strip_envelope
+from ..core.model import ON_ERROR_TEMPFAIL, STALE_SNAPSHOT_REPLY, TEMPFAIL_REPLY, Config, Reply
+from ..core.networks import IPAddress, parse_client_address
+from ..core.policy import REFUSING_ACTIONS, Decision, Transaction
+from ..core.tlsidentity import certificate_from_mapping, certificate_macros
+from ..decisionlog.journal import FIELDS_ATTR
+from ..decisionlog.logfmt import log_fields, quote
+from ..decisionlog.record import DecisionRecord, QuotedRecord, certificate_fields
 
 if TYPE_CHECKING:  # imported only with a metrics: section (prometheus_client)
     from .metrics import Metrics

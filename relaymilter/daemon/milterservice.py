@@ -39,14 +39,14 @@ from typing import TYPE_CHECKING, Callable, List, Optional
 import Milter
 import milter
 
-from .config import ConfigError, load_config
+from ..base.socketspec import SocketSpec, SocketSpecError, parse_socket_spec
+from ..config import ConfigError, load_config
+from ..core.model import Config
+from ..sync.status import Freshness, load_status, status_line
 from .listener import SocketFile, StartError, check_inet_bind, libmilter_open, open_unix, reason
 from .milter import RelayMilter
-from .model import Config
 from .notify import ServiceNotifier, milter_address
 from .snapshotwatch import SnapshotWatch
-from .socketspec import SocketSpec, SocketSpecError, parse_socket_spec
-from .syncstatus import Freshness, load_status, status_line
 
 if TYPE_CHECKING:  # imported only with a metrics: section (prometheus_client)
     from .metrics import MetricsService, SnapshotView

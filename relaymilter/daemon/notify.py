@@ -24,7 +24,7 @@ from typing import Any, Callable, Mapping, Optional, Tuple
 
 import sdnotify
 
-from .socketspec import SocketSpecError, parse_socket_spec
+from ..base.socketspec import SocketSpecError, parse_socket_spec
 
 logger = logging.getLogger("relaymilter.notify")
 

@@ -23,10 +23,10 @@ import threading
 import time
 from typing import Callable, Optional, Tuple
 
-from .config import SNAPSHOT_FILE_LIMIT, config_identity
-from .model import Config
-from .safefile import read_regular_file
-from .syncstatus import Freshness, describe_age
+from ..base.safefile import read_regular_file
+from ..config import SNAPSHOT_FILE_LIMIT, config_identity
+from ..core.model import Config
+from ..sync.status import Freshness, describe_age
 
 logger = logging.getLogger("relaymilter")
 

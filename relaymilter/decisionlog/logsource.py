@@ -531,14 +531,3 @@ class Selection(NamedTuple):
 
     def entries(self) -> Iterator[Entry]:
         return read_entries(self.sources, self.since, self.until, self.cursor, self.stats)
-
-
-def selection_from_args(args: Any) -> Selection:
-    """The options of ``_log_source_options`` in cli.py; ValueError or SourceError if wrong."""
-    now = time.time()
-    since = parse_time(args.since, now) if args.since else None
-    until = parse_time(args.until, now) if args.until else None
-    if args.top < 0:
-        raise ValueError("--top must be 0 (all) or more")
-    sources = Sources.from_options(args.journal_dir, args.journal_file, args.log, args.journal)
-    return Selection(sources, since, until, CursorFile(args.cursor_file), Stats())

@@ -22,14 +22,14 @@ from __future__ import annotations
 import json
 from typing import Any, Dict, Iterable, List, NamedTuple, Optional, Tuple
 
+from ..core.model import Config
+from ..core.networks import parse_client_address
+from ..core.policy import ACTION_CONTINUE, ACTION_WOULD_REJECT, Transaction
+from ..core.tlsidentity import PresentedCertificate, certificate_from_mapping
 from .logfmt import escape
 from .logsource import Entry, Stats, iso
-from .model import Config
-from .networks import parse_client_address
-from .policy import ACTION_CONTINUE, ACTION_WOULD_REJECT, Transaction
 from .record import DecisionRecord
 from .report import Aggregator, Remedies, group_rows, table_lines
-from .tlsidentity import PresentedCertificate, certificate_from_mapping
 
 EXIT_NOTHING_NEWLY_REFUSED = 0
 EXIT_NEWLY_REFUSED = 1
@@ -209,41 +209,3 @@ def as_text(result: ReplayResult) -> str:
     lines += ["", "newly allowed:"]
     lines.extend(table_lines(result.newly_allowed) if result.newly_allowed else ["  none"])
     return "\n".join(lines) + "\n"
-
-
-def main(args: Any, config_path: str) -> int:
-    """``relaymilter replay``: 0 nothing newly refused, 1 something is, 2 an error."""
-    import sys
-
-    from .cli import _load_or_report
-    from .logsource import SourceError, selection_from_args
-
-    config = _load_or_report(config_path)
-    if config is None:
-        return EXIT_ERROR
-    try:
-        selection = selection_from_args(args)
-        result = replay(
-            selection.entries(),
-            config,
-            selection.since,
-            selection.until,
-            args.top,
-            selection.stats,
-        )
-        sys.stdout.write(as_json(result) if args.json else as_text(result))
-        sys.stdout.flush()
-    except (SourceError, ValueError) as exc:
-        print(f"relaymilter: {exc}", file=sys.stderr)
-        return EXIT_ERROR
-    except Exception as exc:  # a deploy gate must read a crash as an error, not as "refused"
-        print(f"relaymilter: replay failed: {exc!r}", file=sys.stderr)
-        return EXIT_ERROR
-    if result.totals["errors"]:
-        print("relaymilter: some records could not be read (see above)", file=sys.stderr)
-        return EXIT_ERROR  # the cursor stays: the unread records are read next time
-    if not result.totals["records"]:
-        print("relaymilter: no decision records were read: nothing to replay", file=sys.stderr)
-        return EXIT_ERROR
-    selection.cursor.save()
-    return result.exit_status

@@ -21,15 +21,15 @@ import io
 import json
 from typing import Any, Callable, Dict, Iterable, List, NamedTuple, Optional, Set, Tuple
 
-from .certnames import normalize_certificate_name
-from .domains import parent_domains
+from ..core.certnames import normalize_certificate_name
+from ..core.domains import parent_domains
+from ..core.model import Config
+from ..core.networks import parse_client_address
+from ..core.policy import ACTION_CONTINUE, ACTION_REJECT, ACTION_SOFT_REJECT, ACTION_WOULD_REJECT
+from ..core.tlsidentity import certificate_from_mapping
 from .logfmt import escape
 from .logsource import Entry, Stats, iso
-from .model import Config
-from .networks import parse_client_address
-from .policy import ACTION_CONTINUE, ACTION_REJECT, ACTION_SOFT_REJECT, ACTION_WOULD_REJECT
 from .record import DecisionRecord
-from .tlsidentity import certificate_from_mapping
 
 #: The actions a report lists by default: refused, or refused in enforce mode.
 REFUSALS = frozenset((ACTION_REJECT, ACTION_SOFT_REJECT, ACTION_WOULD_REJECT))
@@ -746,45 +746,3 @@ FORMATS: Dict[str, Callable[[Report], str]] = {
     "csv": as_csv,
     "html": as_html,
 }
-
-
-def main(args: Any, config_path: Optional[str]) -> int:
-    """``relaymilter report``: 0 on success, 1 on an error (a bad source, option or config)."""
-    import sys
-
-    from .cli import _load_or_report
-    from .logsource import SourceError, selection_from_args
-
-    config = None
-    if config_path is not None:
-        config = _load_or_report(config_path)
-        if config is None:
-            if args.config:
-                return 1
-            # The default file, unreadable here: the remedies then come from the log alone.
-            print("relaymilter: report: going on without the config", file=sys.stderr)
-    try:
-        selection = selection_from_args(args)
-        report = build_report(
-            selection.entries(),
-            config,
-            selection.since,
-            selection.until,
-            args.top,
-            args.all,
-            selection.stats,
-        )
-        name = "json" if args.json else "csv" if args.csv else "html" if args.html else "text"
-        sys.stdout.write(FORMATS[name](report))
-        sys.stdout.flush()
-    except (SourceError, ValueError) as exc:
-        print(f"relaymilter: {exc}", file=sys.stderr)
-        return 1
-    except Exception as exc:
-        print(f"relaymilter: report failed: {exc!r}", file=sys.stderr)
-        return 1
-    if selection.stats.errors:
-        # The cursor stays where it was: what could not be read is read next time.
-        return 0
-    selection.cursor.save()  # only once the report is out
-    return 0

@@ -28,19 +28,19 @@ import time
 from dataclasses import dataclass
 from typing import IO, Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
-from . import snapshot
-from .config import (
+from ..base.safefile import UnsafeFileError, read_regular_file
+from ..config import (
     SNAPSHOT_FILE_LIMIT,
     ConfigError,
     SnapshotText,
     load_config,
     load_sources_settings,
 )
-from .model import plural
-from .safefile import UnsafeFileError, read_regular_file
+from ..core.model import plural
+from ..core.sourcesettings import Source, SourcesSettings
+from . import snapshot
 from .sources import SourceError, SourceOrganization, SourceResult
-from .sources.settings import Source, SourcesSettings
-from .syncstatus import STATUS_VERSION, Status, describe_status, load_status, snapshot_freshness
+from .status import STATUS_VERSION, Status, describe_status, load_status, snapshot_freshness
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -49,8 +49,8 @@ EXIT_CONFIG = 78  # sysexits.h EX_CONFIG
 #: Organizations whose changes the status file keeps (the count of the others too).
 CHANGED_ORGANIZATIONS_KEPT = 100
 
-_FETCHERS = {"ldap": "relaymilter.sources.ldap", "postgresql": "relaymilter.sources.postgresql"}
-_FETCHERS["files"] = "relaymilter.sources.files"
+#: The module of each kind of source, imported only when a source of its kind is fetched.
+_FETCHERS = {kind: f"{__package__}.sources.{kind}" for kind in ("files", "ldap", "postgresql")}
 
 
 class SyncRefused(Exception):

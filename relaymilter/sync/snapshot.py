@@ -13,15 +13,15 @@ per line, with every string quoted, whatever characters a source sends.
 
 from __future__ import annotations
 
-import bisect
 import json
 import math
 import re
 from dataclasses import dataclass, field
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterable, List, Mapping, Sequence, Tuple
 
 import yaml
 
+from ..config.origins import ORIGIN_COMMENT
 from .sources import SourceError, SourceItem, SourceOrganization
 
 HEADER = (
@@ -29,7 +29,6 @@ HEADER = (
     '# "sources:" section. Do not edit it: the next sync replaces it. Each item\'s origin\n'
     "# is in the comment above it.\n"
 )
-_ORIGIN = "# origin: "
 _LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 #: How many names of each kind a change summary keeps per organization.
 CHANGE_EXAMPLES = 20
@@ -63,7 +62,7 @@ def _render_items(lines: List[str], key: str, items: Sequence[SourceItem]) -> No
 
 def _origin_line(origin: str, indent: str) -> str:
     printable = "".join(c if c.isprintable() else repr(c)[1:-1] for c in origin)
-    return f"{indent}{_ORIGIN}{printable}\n"
+    return f"{indent}{ORIGIN_COMMENT}{printable}\n"
 
 
 def _scalar(value: Any, origin: str) -> str:
@@ -115,31 +114,6 @@ def _escape(char: str) -> str:
 
 
 _PLAIN = re.compile(r"[ !#-\[\]-~]*")
-
-
-def origins(text: str) -> OriginIndex:
-    """Where each item of a snapshot came from, by line (for error messages)."""
-    starts: List[int] = []
-    names: List[str] = []
-    for number, line in enumerate(text.splitlines(), 1):
-        stripped = line.lstrip()
-        if stripped.startswith(_ORIGIN):
-            starts.append(number)
-            names.append(stripped[len(_ORIGIN) :])
-    return OriginIndex(starts, names)
-
-
-@dataclass
-class OriginIndex:
-    starts: List[int]
-    names: List[str]
-
-    def at(self, line: Optional[int]) -> Optional[str]:
-        """The origin of the item on ``line``: the nearest origin comment above it."""
-        if line is None:
-            return None
-        position = bisect.bisect_left(self.starts, line) - 1
-        return self.names[position] if position >= 0 else None
 
 
 # -- what a sync changes ------------------------------------------------------

@@ -16,10 +16,10 @@ import time
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Tuple
 
-from .model import plural
-from .safefile import UnsafeFileError, read_regular_file
+from ..base.safefile import UnsafeFileError, read_regular_file
+from ..core.model import plural
+from ..core.sourcesettings import SourcesSettings
 from .snapshot import CHANGE_KEYS, describe_count
-from .sources.settings import SourcesSettings
 
 STATUS_VERSION = 1
 STATUS_FILE_LIMIT = 16 * 1024 * 1024

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from relaymilter.logfmt import quote
+from relaymilter.decisionlog.logfmt import quote
 
 from .milterproc import LogFormatError, parse_decision_line, parse_decisions, unquote
 

@@ -101,7 +101,14 @@ def test_package_metadata_and_contents(deb: Build) -> None:
         assert path in modes, f"{path} is not in the package"
     assert modes[CONF] == "-rw-r-----"
     assert modes["/usr/bin/relaymilter"] == "-rwxr-xr-x"
-    for guide in ("README.md", "install.md", "postfix.md", "sendmail.md"):
+    for guide in (
+        "README.md",
+        "install.md",
+        "postfix.md",
+        "sendmail.md",
+        "sources.md",
+        "operations.md",
+    ):
         path = f"/usr/share/doc/relaymilter/{guide}"
         assert path in modes or f"{path}.gz" in modes, guide  # dh_compress: if > 4 kB
     for source, installed_path in EXAMPLES.items():

@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Union
 
-from ..safefile import UnsafeFileError, read_regular_file
+from ...base.safefile import UnsafeFileError, read_regular_file
 
 #: A password file holds one line.
 SECRET_FILE_LIMIT = 4096

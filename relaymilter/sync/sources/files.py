@@ -14,9 +14,9 @@ from typing import Any, NoReturn
 import yaml
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
-from ..safefile import CONFIG_FILE_LIMIT, UnsafeFileError, read_regular_file
+from ...base.safefile import CONFIG_FILE_LIMIT, UnsafeFileError, read_regular_file
+from ...core.sourcesettings import FilesSource
 from . import OrganizationCollector, SourceError, SourceResult
-from .settings import FilesSource
 
 _LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 _ORGANIZATION_KEYS = ("name", "accepted_domains", "connectors", "mode")

@@ -20,8 +20,8 @@ from dataclasses import dataclass
 from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
 from urllib.parse import urlsplit
 
+from ...core.sourcesettings import LdapConnectorMapping, LdapDomainMapping, LdapSource
 from . import OrganizationCollector, SourceError, SourceResult, domain_item, read_secret
-from .settings import LdapConnectorMapping, LdapDomainMapping, LdapSource
 
 #: An entry with its attribute names lower-cased: AD answers in its own casing.
 Attributes = Dict[str, List[bytes]]
@@ -47,7 +47,7 @@ def fetch(source: LdapSource) -> SourceResult:
     password = _password(source)
     connection, uri = _connect(ldap, source, password)
     try:
-        reader = _Reader(ldap, connection, source, uri)
+        reader = DirectoryReader(ldap, connection, source, uri)
         base = _base(reader, source)
         collector = OrganizationCollector()
         records, bases = 0, []
@@ -64,7 +64,7 @@ def fetch(source: LdapSource) -> SourceResult:
         _close(ldap, connection)
 
 
-def _base(reader: _Reader, source: LdapSource) -> str:
+def _base(reader: DirectoryReader, source: LdapSource) -> str:
     """The source's base; "" when each mapping has its own (no RootDSE to read then)."""
     if source.base is not None:
         return source.base
@@ -263,7 +263,9 @@ def _read_exactly(sock: socket.socket, size: int) -> bytes:
 
 
 @dataclass
-class _Reader:
+class DirectoryReader:
+    """Reads one source's entries over a bound connection, naming each entry by its DN in errors."""
+
     ldap: Any
     connection: Any
     source: LdapSource

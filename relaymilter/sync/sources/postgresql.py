@@ -14,8 +14,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
+from ...core.sourcesettings import PostgresqlSource
 from . import OrganizationCollector, SourceError, SourceResult, domain_item, read_secret
-from .settings import PostgresqlSource
 
 try:
     import psycopg
