@@ -21,13 +21,13 @@ import milter
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from relaymilter.daemon.milter import LOCAL_PROTOCOL, MAIL_MACROS, RCPT_MACROS
+from relaymilter.daemon.milter import LOCAL_PROTOCOL, SYMLISTS
 
 
 class FloorMilter(Milter.Base):  # type: ignore[misc]
     def negotiate(self, opts: List[int]) -> Any:
-        self._ctx.setsymlist(Milter.M_ENVFROM, " ".join(MAIL_MACROS))
-        self._ctx.setsymlist(Milter.M_ENVRCPT, " ".join(RCPT_MACROS))
+        for stage, names in SYMLISTS:  # the macros relaymilter asks for, where it does
+            self._ctx.setsymlist(stage, " ".join(names))
         opts[0] = Milter.SETSYMLIST
         opts[1] &= LOCAL_PROTOCOL | Milter.P_NOCONNECT
         opts[2] = opts[3] = 0

@@ -1,6 +1,7 @@
 """Scale of ``report`` and ``replay``: N decision records, time and peak memory.
 
     .venv/bin/python -m benchmarks.report_scale [--records 1000000] [--journal]
+    .venv/bin/python -m benchmarks.report_scale --distinct-senders [--checkout DIR]
 
 Writes N records (the test traffic of tests/traffic.py, with varied clients,
 queue ids and recipients, about 2,000 groups) as a syslog file and, with
@@ -9,11 +10,17 @@ queue ids and recipients, about 2,000 groups) as a syslog file and, with
 and prints wall time and peak RSS (getrusage of the child). Memory bounded by
 groups, not records, shows as a peak RSS that hardly moves from 100,000 to
 1,000,000 records.
+
+``--distinct-senders`` is the hostile case instead: N refusals of one client,
+each from a sender domain of its own (so N groups by client x sender domain),
+in a gzipped mail.log, reported with and without ``--all``. ``--checkout DIR``
+runs the relaymilter of another checkout, for before/after figures.
 """
 
 from __future__ import annotations
 
 import argparse
+import gzip
 import os
 import re
 import subprocess
@@ -46,6 +53,20 @@ def records(count: int) -> Iterator[decisionlog.Logged]:
             n += 1
 
 
+def distinct_senders(count: int) -> Iterator[decisionlog.Logged]:
+    """Refusals of one on-premises client, every one from another sender domain."""
+    base = next(i for i in decisionlog.traffic(days=1) if i.record.action == "would-reject")
+    for n in range(count):
+        record = base.record._replace(
+            queue_id=f"4Y{n:08X}",
+            client="192.0.2.7",
+            sender=f"news@s{n}.example.net",
+            recipient=f"user{n % 50000}@tailspintoys.com",
+            route="tailspintoys.com",
+        )
+        yield decisionlog.Logged(decisionlog.START + n * 0.01, record, "relay1")
+
+
 def _rss_anon(pid: int) -> int:
     """The process's anonymous resident memory in KiB (not mapped file pages)."""
     try:
@@ -58,12 +79,19 @@ def _rss_anon(pid: int) -> int:
     return 0
 
 
+#: The relaymilter command run; ``--checkout DIR`` makes it another checkout's.
+COMMAND = [str(ROOT / ".venv" / "bin" / "relaymilter")]
+ENVIRONMENT = dict(os.environ)
+#: The child's working directory: "python -c" puts it first on the path.
+WORKDIR = [str(ROOT)]
+
+
 def run(label: str, args: List[str]) -> None:
     """One command in a child process: wall time and that child's own peak RSS (wait4)."""
     start = time.monotonic()
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
         child = subprocess.Popen(
-            [str(ROOT / ".venv" / "bin" / "relaymilter"), *args], stdout=out, stderr=err
+            [*COMMAND, *args], stdout=out, stderr=err, env=ENVIRONMENT, cwd=WORKDIR[0]
         )
         anon = 0  # the heap's share of the RSS (RssAnon), sampled; the rest is file pages
         while True:
@@ -92,9 +120,20 @@ def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--records", type=int, default=1_000_000)
     parser.add_argument("--journal", action="store_true")
+    parser.add_argument("--distinct-senders", action="store_true")
+    parser.add_argument("--checkout", metavar="DIR", help="run another checkout's relaymilter")
     options = parser.parse_args()
+    if options.checkout:
+        COMMAND[:] = [
+            str(ROOT / ".venv" / "bin" / "python"),
+            "-c",
+            "import sys; from relaymilter.cli import main; sys.exit(main())",
+        ]
+        ENVIRONMENT["PYTHONPATH"] = WORKDIR[0] = str(Path(options.checkout).resolve())
     with tempfile.TemporaryDirectory(prefix="relaymilter-scale-") as tmp:
         work = Path(tmp)
+        if options.distinct_senders:
+            return distinct_senders_case(work, options.records)
         log = work / "mail.log"
         start = time.monotonic()
         with log.open("w", encoding="utf-8", errors="surrogateescape") as stream:
@@ -140,6 +179,29 @@ def main() -> int:
                 f"replay --journal-dir ({options.records})",
                 ["replay", "-c", str(work / "fixed.yml"), "--journal-dir", str(work)],
             )
+    return 0
+
+
+def distinct_senders_case(work: Path, count: int) -> int:
+    log = work / "mail.log.gz"
+    start = time.monotonic()
+    with gzip.open(log, "wt", encoding="utf-8", compresslevel=6) as stream:
+        for item in distinct_senders(count):
+            stream.write(decisionlog.syslog_lines([item])[0])
+    print(
+        f"wrote {count} records from {count} sender domains "
+        f"({log.stat().st_size / 2**20:.1f} MiB gzipped) in {time.monotonic() - start:.1f} s",
+        flush=True,
+    )
+    (work / "monitor.yml").write_text(decisionlog.MONITOR)
+    run(
+        f"report --log ({count} senders)",
+        ["report", "--log", str(log), "-c", str(work / "monitor.yml")],
+    )
+    run(
+        f"report --all --json ({count} senders)",
+        ["report", "--all", "--json", "--log", str(log), "-c", str(work / "monitor.yml")],
+    )
     return 0
 
 

@@ -17,6 +17,16 @@ Postfix is touched) gets four smtpd listeners on loopback:
                with --compare DIR: the relaymilter of another checkout (for
                before/after figures taken in the same run)
 
+And, unless --no-sendmail, three private Sendmail instances (the e2e suite's
+harness, Debian's binaries, with the shipped snippet):
+
+  sendmail-baseline     no milter
+  sendmail-relay-unix   relaymilter on a unix socket (S=local:, as the snippet ships)
+  sendmail-relay-inet   relaymilter on an inet socket (S=inet:)
+  sendmail-before-inet  with --compare DIR: the other checkout's relaymilter, S=inet:
+
+A Sendmail listener's ratio is to sendmail-baseline of the same round.
+
 Mail is relayed to Postfix's smtp-sink. Postfix's load generator smtp-source
 drives each listener in turn, in an order that rotates every round (A B C D,
 B C D A, ...), so that the ratios of one round are taken under the same
@@ -62,7 +72,9 @@ from typing import Any, Dict, List, Optional, Tuple
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from tests.e2e.pki import build_pki  # noqa: E402
 from tests.e2e.postfix import MASTER_SERVICES  # noqa: E402
+from tests.e2e.sendmail import SendmailInstance  # noqa: E402
 from tests.e2e.util import alive, descendants, free_port, kill_leftovers, wait_for  # noqa: E402
 from tests.support import stop_promptly  # noqa: E402
 
@@ -72,6 +84,7 @@ SMTP_SINK = "/usr/sbin/smtp-sink"
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 LISTENERS = ("baseline", "relay-unix", "relay-inet", "naive-unix", "floor-unix")
 METRICS_LISTENER = "relay-metrics-unix"
+SENDMAIL_LISTENERS = ("sendmail-baseline", "sendmail-relay-unix", "sendmail-relay-inet")
 #: Seconds between two scrapes of relay-metrics-unix while it is driven.
 SCRAPE_INTERVAL = 1.0
 OWNED_SENDER = "app@contoso.com"
@@ -155,16 +168,28 @@ class Bench:
     compare: Optional[Path] = None
     sessions: int = 20
     metrics: bool = False
+    sendmail: bool = True
     ports: Dict[str, int] = field(default_factory=dict)
     sink: Optional[subprocess.Popen[bytes]] = None
     milters: Dict[str, Milter] = field(default_factory=dict)
+    sendmails: Dict[str, SendmailInstance] = field(default_factory=dict)
 
     # -- set-up ----------------------------------------------------------------
 
     @property
-    def listeners(self) -> Tuple[str, ...]:
+    def postfix_listeners(self) -> Tuple[str, ...]:
         extra = (METRICS_LISTENER,) if self.metrics else ()
         return LISTENERS + extra + (("before-unix", "before-inet") if self.compare else ())
+
+    @property
+    def sendmail_listeners(self) -> Tuple[str, ...]:
+        if not self.sendmail:
+            return ()
+        return SENDMAIL_LISTENERS + (("sendmail-before-inet",) if self.compare else ())
+
+    @property
+    def listeners(self) -> Tuple[str, ...]:
+        return self.postfix_listeners + self.sendmail_listeners
 
     def start(self) -> None:
         for name in (*self.listeners, "sink", "milter", "before-milter", "metrics-http"):
@@ -179,6 +204,39 @@ class Bench:
         self._start_sink()
         self._start_milters()
         self._start_postfix()
+        if self.sendmail:
+            self._start_sendmails()
+
+    def _start_sendmails(self) -> None:
+        """Three private Sendmails: no milter, relaymilter over unix, relaymilter over inet."""
+        pki = build_pki(self.base / "pki")
+        config = self.base / "relaymilter.yml"
+        relay = [sys.executable, "-m", "relaymilter", "run", "-c", str(config), "--socket"]
+        for name in self.sendmail_listeners:
+            socket = "inet" if name.endswith("-inet") else "unix"
+            edit = _without_the_milter if name == "sendmail-baseline" else str
+            instance = SendmailInstance(
+                self.base / name, pki, self.ports["sink"], edit, milter_socket=socket
+            )
+            instance.start()
+            self.sendmails[name] = instance
+            self.ports[name] = instance.port
+            if name != "sendmail-baseline":
+                before = self.compare if self.compare and "-before-" in name else None
+                self._start_milter(name, relay, instance.milter_spec, before or REPO)
+                wait_for(lambda m=self.milters[name]: _milter_ready(m), 20, f"{name} to listen")  # type: ignore[misc]
+
+    def _start_milter(self, name: str, command: List[str], spec: str, cwd: Path) -> None:
+        log = open(self.base / f"{name}.log", "wb")  # noqa: SIM115 - lives as long as the process
+        process = subprocess.Popen(
+            [*command, spec],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            # "python -m relaymilter" takes the package from its working directory.
+            cwd=cwd,
+            preexec_fn=_umask_007,
+        )
+        self.milters[name] = Milter(name, spec, process)
 
     def _start_sink(self) -> None:
         port = self.ports["sink"]
@@ -207,16 +265,8 @@ class Bench:
             specs["before-unix"] = (relay, f"unix:{sockets}/before.sock")
             specs["before-inet"] = (relay, f"inet:{self.ports['before-milter']}@127.0.0.1")
         for name, (command, spec) in specs.items():
-            log = open(self.base / f"{name}.log", "wb")  # noqa: SIM115 - lives as long as the process
-            process = subprocess.Popen(
-                [*command, spec],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                # "python -m relaymilter" takes the package from its working directory.
-                cwd=self.compare if name.startswith("before-") else REPO,
-                preexec_fn=_umask_007,
-            )
-            self.milters[name] = Milter(name, spec, process)
+            cwd = self.compare if self.compare and name.startswith("before-") else REPO
+            self._start_milter(name, command, spec, cwd)
         for milter in self.milters.values():
             wait_for(lambda m=milter: _milter_ready(m), 20, f"{milter.name} to listen")  # type: ignore[misc]
 
@@ -259,12 +309,12 @@ class Bench:
         (self.base / "etc" / "main.cf").write_text(MAIN_CF.format(**values))
         (self.base / "etc" / "master.cf").write_text(self.master_cf())
         self._postfix("start")
-        for name in self.listeners:
+        for name in self.postfix_listeners:
             wait_for(lambda p=self.ports[name]: _connects(("127.0.0.1", p)), 30, f"postfix {name}")  # type: ignore[misc]
 
     def master_cf(self) -> str:
         lines = []
-        for name in self.listeners:
+        for name in self.postfix_listeners:
             line = f"127.0.0.1:{self.ports[name]} inet n - n - - smtpd"
             milter = self.milters.get(name)
             if milter is not None:
@@ -289,11 +339,15 @@ class Bench:
 
     def queue_files(self) -> int:
         queue = self.base / "queue"
-        return sum(
+        postfix = sum(
             len(files)
             for sub in ("maildrop", "incoming", "active", "deferred")
             for _, _, files in os.walk(queue / sub)
         )
+        sendmail = sum(
+            len(list((instance.run / "mqueue").iterdir())) for instance in self.sendmails.values()
+        )
+        return postfix + sendmail
 
     def drain(self) -> None:
         wait_for(lambda: self.queue_files() == 0, 120, "the queue to drain", interval=0.05)
@@ -370,6 +424,8 @@ class Bench:
         if processes:
             wait_for(lambda: not any(alive(p) for p in processes), 15, "postfix to stop")
             kill_leftovers(processes, "/usr/lib/postfix/sbin/")
+        for instance in self.sendmails.values():
+            instance.close()
         for milter in self.milters.values():
             milter.process.terminate()
             stop_promptly(milter.process, milter.spec)
@@ -430,6 +486,17 @@ def _umask_007() -> None:
     os.umask(0o007)
 
 
+def _without_the_milter(snippet: str) -> str:
+    """The snippet without its INPUT_MAIL_FILTER line (the Sendmail baseline)."""
+    lines = [line for line in snippet.splitlines() if not line.startswith("INPUT_MAIL_FILTER(")]
+    return "\n".join(lines) + "\n"
+
+
+def baseline_of(listener: str) -> str:
+    """The listener a ratio is taken to: the same MTA without a milter."""
+    return "sendmail-baseline" if listener.startswith("sendmail-") else "baseline"
+
+
 def _connects(address: Any) -> bool:
     import socket
 
@@ -459,13 +526,15 @@ def summarize(
     summary: Dict[str, Any] = {}
     for workload in sorted({r.workload for r in runs}):
         rows = {}
-        baseline = {
-            r.round: r.rate for r in runs if r.workload == workload and r.listener == "baseline"
+        baselines = {
+            (r.listener, r.round): r.rate
+            for r in runs
+            if r.workload == workload and r.listener in ("baseline", "sendmail-baseline")
         }
         for listener in listeners:
             mine = [r for r in runs if r.workload == workload and r.listener == listener]
             rates = [r.rate for r in mine]
-            ratios = [r.rate / baseline[r.round] for r in mine]
+            ratios = [r.rate / baselines[baseline_of(listener), r.round] for r in mine]
             cpu = [r.milter_cpu / r.messages * 1000 for r in mine if r.milter_cpu is not None]
             user = [r.milter_user / r.messages * 1000 for r in mine if r.milter_user is not None]
             rows[listener] = {
@@ -493,7 +562,8 @@ def report(summary: Dict[str, Any]) -> str:
         if workload in ("peak_rss_mib", "metrics_decisions"):
             continue
         lines.append(
-            f"{workload}: messages/s (min/median/max), ratio to baseline (min/median/max), "
+            f"{workload}: messages/s (min/median/max), ratio to the MTA's baseline "
+            "(min/median/max), "
             "milter CPU s/1000 msgs (median: total, of which user)"
         )
         for listener, row in rows.items():
@@ -539,6 +609,12 @@ def main() -> int:
         help=f"run {METRICS_LISTENER} too (default: yes, except with --smoke)",
     )
     parser.add_argument(
+        "--sendmail",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="run the Sendmail listeners too (default: yes)",
+    )
+    parser.add_argument(
         "--compare",
         metavar="DIR",
         type=Path,
@@ -551,7 +627,9 @@ def main() -> int:
     base = Path(tempfile.mkdtemp(prefix="relaymilter-bench-"))
     compare = args.compare.resolve() if args.compare else None
     metrics = not args.smoke if args.metrics_listener is None else args.metrics_listener
-    bench = Bench(base, compare=compare, sessions=args.sessions, metrics=metrics)
+    bench = Bench(
+        base, compare=compare, sessions=args.sessions, metrics=metrics, sendmail=args.sendmail
+    )
     runs: List[Run] = []
     try:
         bench.start()

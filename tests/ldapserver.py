@@ -111,9 +111,12 @@ def _base_entries() -> List[Tuple[str, Dict[str, Sequence[LdifValue]]]]:
 
 
 def add_accepted_domains(
-    server: Slapd, names: Sequence[str], parent: str = ACCEPTED_DOMAINS_DN
+    server: Slapd, names: Sequence[str], parent: str = ACCEPTED_DOMAINS_DN, flags: int = 0
 ) -> List[str]:
-    """Add an msExchAcceptedDomain entry per name below parent (one ldapadd); their DNs."""
+    """Add an msExchAcceptedDomain entry per name below parent (one ldapadd); their DNs.
+
+    ``flags``: msExchAcceptedDomainFlags (16: an X.400 domain, 65536: MatchSubDomains).
+    """
     entries = [
         (
             f"CN={escape_dn_chars(name)},{parent}",
@@ -121,7 +124,7 @@ def add_accepted_domains(
                 "objectClass": ["msExchAcceptedDomain"],
                 "cn": [name],
                 "msExchAcceptedDomainName": [name],
-                "msExchAcceptedDomainFlags": ["0"],
+                "msExchAcceptedDomainFlags": [str(flags)],
             },
         )
         for name in names

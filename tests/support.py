@@ -38,6 +38,31 @@ def relaymilter_command() -> List[str]:
     return [found]
 
 
+def readable_copy(directory: Path) -> Tuple[str, Path]:
+    """The system's interpreter and a copy of the package that any user can read.
+
+    For a test that runs relaymilter as another user: this checkout, and its
+    .venv, may be in a directory only root can enter (a clone in /root, mode
+    0700 on Debian). ``directory`` must be one others may enter. The
+    interpreter is the real one behind .venv/bin/python, with Debian's
+    packages (python3-milter and the rest) on its path.
+    """
+    copy = directory / "readable"
+    shutil.copytree(
+        REPO / "relaymilter", copy / "relaymilter", ignore=shutil.ignore_patterns("__pycache__")
+    )
+    for path in [copy, *copy.rglob("*")]:
+        os.chmod(path, 0o755 if path.is_dir() else 0o644)
+    return os.path.realpath(sys.executable), copy
+
+
+def readable_relaymilter_command(directory: Path) -> List[str]:
+    """``relaymilter`` for another user (see ``readable_copy``)."""
+    python, copy = readable_copy(directory)
+    code = f"import sys; sys.path.insert(0, {str(copy)!r}); from relaymilter.cli import main; "
+    return [python, "-c", code + "sys.exit(main())"]
+
+
 def run_cli(*args: str, env: Optional[Dict[str, str]] = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [*relaymilter_command(), *args],

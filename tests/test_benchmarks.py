@@ -46,11 +46,36 @@ def test_throughput_benchmark_smoke(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stdout + result.stderr
     figures = json.loads(out.read_text())
     listeners = {"baseline", "relay-unix", "relay-inet", "naive-unix", "floor-unix"}
+    listeners |= {"sendmail-baseline", "sendmail-relay-unix", "sendmail-relay-inet"}
     assert {(r["workload"], r["listener"]) for r in figures["runs"]} == {
         (w, listener) for w in ("W1", "W2", "W3") for listener in listeners
     }
     assert all(r["messages"] == 20 and r["rate"] > 0 for r in figures["runs"])
-    assert set(figures["summary"]["peak_rss_mib"]) == listeners - {"baseline"}
+    assert set(figures["summary"]["peak_rss_mib"]) == listeners - {
+        "baseline",
+        "sendmail-baseline",
+    }
+    assert figures["summary"]["W1"]["sendmail-baseline"]["ratio"]["median"] == 1.0
+
+
+def test_latency_benchmark_smoke() -> None:
+    result = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "latency.py"), "--messages", "2"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=REPO,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    rows = [line.split()[0] for line in result.stdout.splitlines()[2:]]
+    assert rows == [
+        "baseline",
+        "relay-unix",
+        "relay-inet",
+        "sendmail-baseline",
+        "sendmail-relay-unix",
+        "sendmail-relay-inet",
+    ]
 
 
 def test_sync_scale_benchmark_smoke(tmp_path: Path) -> None:

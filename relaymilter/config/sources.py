@@ -18,6 +18,7 @@ from yaml.nodes import Node
 from ..core.sourcesettings import (
     AD_ACCEPTED_DOMAIN_ATTRIBUTE,
     AD_ACCEPTED_DOMAIN_FILTER,
+    AD_ACCEPTED_DOMAIN_FLAGS_ATTRIBUTE,
     PRESET_ACTIVE_DIRECTORY,
     FilesSource,
     LdapConnectorMapping,
@@ -306,7 +307,10 @@ def _ldap_mappings(
             if key in fields:
                 reader.error(fields[key][0], f"{path}.{key}", "not with preset: active-directory")
         domains = LdapDomainMapping(
-            AD_ACCEPTED_DOMAIN_FILTER, AD_ACCEPTED_DOMAIN_ATTRIBUTE, organization=organization
+            AD_ACCEPTED_DOMAIN_FILTER,
+            AD_ACCEPTED_DOMAIN_ATTRIBUTE,
+            organization=organization,
+            flags_attribute=AD_ACCEPTED_DOMAIN_FLAGS_ATTRIBUTE,
         )
         return domains, None
     domain_mapping = connector_mapping = None

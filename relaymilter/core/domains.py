@@ -18,11 +18,15 @@ import idna
 # RFC 1035 limits; an over-long name cannot be a real domain, and the IDNA codec
 # enforces the per-label limit for us.
 _MAX_DOMAIN_LENGTH = 253
+#: The white space the MTAs take off around an address or a domain: ASCII's (C's
+#: isspace), not str.strip()'s Unicode set. Sendmail relays u@contoso.com\u00a0 to
+#: the domain "contoso.com\u00a0", so that is the domain to judge, not contoso.com.
+ASCII_SPACE = " \t\r\n\v\f"
 
 
 def normalize_domain(text: str) -> Optional[str]:
     """Return the comparison form of a domain, or None if it cannot be normalised."""
-    name = text.strip()
+    name = text.strip(ASCII_SPACE)
     if name.endswith("."):
         name = name[:-1]
     if not name or name.startswith("[") or name.endswith("."):
@@ -67,7 +71,7 @@ _NUMERIC_LABEL = re.compile(r"(?:0x[0-9a-f]*|[0-9]+)", re.IGNORECASE)
 
 def address_literal_problem(text: str) -> Optional[str]:
     """Why a configured domain is an IP address in some spelling, or None if it is not one."""
-    name = text.strip().rstrip(".")
+    name = text.strip(ASCII_SPACE).rstrip(".")
     last = name.rsplit(".", 1)[-1]
     if (
         name.startswith("[")
@@ -130,11 +134,11 @@ class EnvelopeAddress:
 
 def strip_angle_brackets(text: str) -> str:
     """Remove surrounding whitespace and angle brackets (a source route stays)."""
-    address = text.strip()
+    address = text.strip(ASCII_SPACE)
     if address.startswith("<"):
         end = address.rfind(">")
         address = address[1:end] if end > 0 else address[1:]
-    return address.strip()
+    return address.strip(ASCII_SPACE)
 
 
 def strip_envelope(text: str) -> str:
@@ -149,7 +153,11 @@ def strip_envelope(text: str) -> str:
 
 def parse_envelope_address(text: str) -> EnvelopeAddress:
     """Parse a MAIL FROM / RCPT TO argument such as ``<user@example.com>``."""
-    address = strip_envelope(text)
+    return envelope_address(strip_envelope(text))
+
+
+def envelope_address(address: str) -> EnvelopeAddress:
+    """An address already without its angle brackets and source route (as a record holds it)."""
     at = address.rfind("@")
     if at < 0:
         return EnvelopeAddress(address, None)

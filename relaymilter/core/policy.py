@@ -7,7 +7,7 @@ call ``Transaction`` so that they cannot disagree.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Dict, List, NamedTuple, Optional, Tuple
+from typing import Dict, List, NamedTuple, Optional, Tuple, Union
 
 from .certnames import normalize_certificate_name
 from .domains import EnvelopeAddress, parse_envelope_address, strip_angle_brackets
@@ -33,6 +33,7 @@ __all__ = [
     "Transaction",
     "decide",
     "parse_recipient",
+    "recipient_of",
 ]
 
 REASON_INTERNAL = "internal-recipient"
@@ -40,6 +41,10 @@ REASON_CERTIFICATE = "certificate"
 REASON_SENDER_DOMAIN = "sender-domain"
 REASON_ATTR36 = "attr36"
 REASON_UNATTRIBUTED = "unattributed"
+#: Every reason a decision may give.
+REASONS = frozenset(
+    (REASON_INTERNAL, REASON_CERTIFICATE, REASON_SENDER_DOMAIN, REASON_ATTR36, REASON_UNATTRIBUTED)
+)
 
 ACTION_CONTINUE = "continue"
 ACTION_REJECT = "reject"
@@ -48,6 +53,8 @@ ACTION_WOULD_REJECT = "would-reject"
 ACTION_SOFT_REJECT = "soft-reject"
 #: The actions that refuse the recipient at the MTA.
 REFUSING_ACTIONS = frozenset((ACTION_REJECT, ACTION_SOFT_REJECT))
+#: Every action a decision may take.
+ACTIONS = frozenset((ACTION_CONTINUE, ACTION_REJECT, ACTION_WOULD_REJECT, ACTION_SOFT_REJECT))
 
 
 @dataclass(frozen=True)
@@ -92,14 +99,22 @@ def parse_recipient(rcpt_to: str, resolved: Optional[str] = None) -> Recipient:
     The MTA's address adds its hops only when it has a domain: Sendmail's
     local mailer reports a bare user name, which says nothing about routing.
     """
-    address = strip_angle_brackets(rcpt_to)
+    mta_address = strip_angle_brackets(resolved) if resolved else None
+    return recipient_of(strip_angle_brackets(rcpt_to), mta_address)
+
+
+def recipient_of(address: str, mta_address: Optional[str] = None) -> Recipient:
+    """A recipient from addresses already without their angle brackets (as a record holds them).
+
+    ``replay`` decides from these, not from the RCPT TO argument: taking the
+    brackets off a second time would change an address such as
+    ``<u@relay.contoso.com>%tailspintoys.com``, and so its route.
+    """
     route = route_of(address)
-    if resolved:
-        mta_address = strip_angle_brackets(resolved)
-        if mta_address.lower() != address.lower() and "@" in mta_address:
-            extra = route_of(mta_address).hops
-            route = Route(route.hops + tuple(hop for hop in extra if hop not in route.hops))
-            return Recipient(address, route, mta_address)
+    if mta_address and mta_address.lower() != address.lower() and "@" in mta_address:
+        extra = route_of(mta_address).hops
+        route = Route(route.hops + tuple(hop for hop in extra if hop not in route.hops))
+        return Recipient(address, route, mta_address)
     return Recipient(address, route)
 
 
@@ -228,13 +243,20 @@ class Transaction:
         config: Config,
         address: Optional[IPAddress],
         presented: Optional[PresentedCertificate],
-        mail_from: str,
+        mail_from: Union[str, EnvelopeAddress],
     ) -> None:
+        """``mail_from``: the MAIL FROM argument, or the sender already parsed (``replay``)."""
         self.config = config
-        self.sender = parse_envelope_address(mail_from)
+        if isinstance(mail_from, EnvelopeAddress):
+            self.sender = mail_from
+        else:
+            self.sender = parse_envelope_address(mail_from)
         self.attribution = attribute_connection(config, address, presented).for_sender(self.sender)
 
     def decide(self, rcpt_to: str, resolved: Optional[str] = None) -> Decision:
         """Judge one RCPT TO; ``resolved`` is the MTA's ``{rcpt_addr}`` for it, if sent."""
-        recipient = parse_recipient(rcpt_to, resolved)
+        return self.judge(parse_recipient(rcpt_to, resolved))
+
+    def judge(self, recipient: Recipient) -> Decision:
+        """Judge one recipient already parsed (``parse_recipient``, or ``recipient_of``)."""
         return decide(self.config, self.attribution, self.sender, recipient)

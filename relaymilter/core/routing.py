@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from typing import List, NamedTuple, Optional, Tuple
 
-from .domains import is_host_name, normalize_domain
+from .domains import ASCII_SPACE, is_host_name, normalize_domain
 
 # Characters that make a local part route somewhere; an address without any of
 # them (and without a source route) is the common case and takes the fast path.
@@ -74,7 +74,7 @@ def _hops(address: str) -> List[Optional[str]]:
     rest = address
     if rest.startswith("@"):
         route, _, rest = rest.partition(":")
-        hops.extend(_hop(part.strip().lstrip("@")) for part in route.split(","))
+        hops.extend(_hop(part.strip(ASCII_SPACE).lstrip("@")) for part in route.split(","))
     for _ in range(_MAX_HOPS):
         masked = _mask_quoted(rest)
         at = masked.rfind("@")

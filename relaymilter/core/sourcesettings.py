@@ -14,6 +14,12 @@ from typing import Optional, Tuple, Union
 PRESET_ACTIVE_DIRECTORY = "active-directory"
 AD_ACCEPTED_DOMAIN_FILTER = "(objectClass=msExchAcceptedDomain)"
 AD_ACCEPTED_DOMAIN_ATTRIBUTE = "msExchAcceptedDomainName"
+#: Exchange's AcceptedDomainFlags: bits 0-1 the type (authoritative, external or
+#: internal relay), bit 2 the default domain, bit 4 an X.400 domain (its name is an
+#: X.400 address, not an SMTP domain), bit 16 MatchSubDomains.
+AD_ACCEPTED_DOMAIN_FLAGS_ATTRIBUTE = "msExchAcceptedDomainFlags"
+AD_FLAG_X400 = 1 << 4
+AD_FLAG_MATCH_SUBDOMAINS = 1 << 16
 
 
 @dataclass(frozen=True)
@@ -32,6 +38,9 @@ class LdapDomainMapping:
     organization_attribute: Optional[str] = None
     #: Search base; None: the source's ``base``.
     base: Optional[str] = None
+    #: Exchange's flags attribute (the Active Directory preset): an X.400 domain is
+    #: skipped, and MatchSubDomains means ``match_subdomains``.
+    flags_attribute: Optional[str] = None
 
 
 @dataclass(frozen=True)

@@ -7,10 +7,8 @@ The milter's hot path (``Metrics.decision``, ``Metrics.rcpt_seconds``) costs
 one dict look-up of a prebuilt child and an increment under that child's own
 lock. Exposition never holds a lock the milter needs while it talks to a
 client: the text is rendered into memory (each child's lock held only to read
-its value), then written out. The HTTP server runs in threads of its own, one
-per client, each with a timeout, and serves at most ``MAX_CLIENTS`` at a time
-(more wait their turn); a client that connects and sends nothing ties up only
-its own thread, until its timeout.
+its value), then written out by the endpoint (``metricshttp``), whose one
+thread no client can stall.
 
 No label carries a sender, a recipient or a client address (unbounded
 cardinality: those stay in the log). Organization and connector names come
@@ -20,18 +18,15 @@ from the config, so their number is bounded by it.
 from __future__ import annotations
 
 import contextlib
-import http.server
 import logging
 import os
-import socket
-import socketserver
 import tempfile
 import threading
 from typing import Any, Callable, Dict, Iterator, List, NamedTuple, Optional, Tuple
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 from prometheus_client.core import GaugeMetricFamily, Metric
-from prometheus_client.exposition import choose_encoder, generate_latest
+from prometheus_client.exposition import generate_latest
 from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
 
@@ -40,17 +35,14 @@ from ..core.model import Attribution, Config, MetricsSettings
 from ..core.policy import Decision
 from ..core.sourcesettings import SourcesSettings
 from ..sync.status import load_status
+from .metricshttp import MetricsServer
 
 logger = logging.getLogger("relaymilter")
 
 #: Seconds between two rewrites of the textfile.
 TEXTFILE_INTERVAL = 5.0
-#: Seconds an HTTP client may take to send its request or read the answer.
-CLIENT_TIMEOUT = 10.0
-#: HTTP clients served at once; more wait for a free slot (as long as a client may take).
-MAX_CLIENTS = 16
-#: Scrapes rendered at once (each takes the GIL for a moment).
-MAX_RENDERS = 2
+#: Seconds a stop waits for the textfile writer's last write.
+STOP_TIMEOUT = 10.0
 #: The RCPT decision takes microseconds; the milter protocol around it, more.
 LATENCY_BUCKETS = (
     0.000025,
@@ -316,76 +308,6 @@ def _source_families(status: Dict[str, Any]) -> Iterator[Metric]:
 # -- the HTTP endpoint ----------------------------------------------------------
 
 
-class _Handler(http.server.BaseHTTPRequestHandler):
-    server: MetricsServer
-    timeout = CLIENT_TIMEOUT
-    server_version = "relaymilter"
-    sys_version = ""
-
-    def do_GET(self) -> None:
-        path = self.path.split("?", 1)[0]
-        if path == "/metrics":
-            encoder, content_type = choose_encoder(self.headers.get("Accept", ""))
-            with self.server.renders:
-                body = encoder(self.server.registry)
-        elif path == "/":
-            content_type = "text/plain; charset=utf-8"
-            body = b"relaymilter: the metrics are at /metrics\n"
-        else:
-            self.send_error(404)
-            return
-        self.send_response(200)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, format: str, *args: Any) -> None:
-        logger.debug("metrics: %s %s", self.address_string(), format % args)
-
-
-class MetricsServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
-    """``/metrics`` over HTTP, a thread per client, at most ``MAX_CLIENTS`` at once."""
-
-    daemon_threads = True
-    allow_reuse_address = True
-    request_queue_size = 64
-
-    def __init__(self, address: Tuple[str, int], registry: CollectorRegistry) -> None:
-        self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
-        self.registry = registry
-        self.renders = threading.BoundedSemaphore(MAX_RENDERS)
-        self._clients = threading.BoundedSemaphore(MAX_CLIENTS)
-        super().__init__(address, _Handler)
-
-    def server_bind(self) -> None:
-        # HTTPServer.server_bind asks DNS for the host's name, which is not needed.
-        socketserver.TCPServer.server_bind(self)
-        self.server_name, self.server_port = str(self.server_address[0]), self.server_address[1]
-
-    def process_request(self, request: Any, client_address: Any) -> None:
-        # A burst waits here (and in the listen backlog) for a free slot; a
-        # slot frees within CLIENT_TIMEOUT, since every client has that timeout.
-        if not self._clients.acquire(timeout=CLIENT_TIMEOUT):
-            logger.debug("metrics: %d clients already; closing a new one", MAX_CLIENTS)
-            self.shutdown_request(request)
-            return
-        try:
-            super().process_request(request, client_address)
-        except BaseException:
-            self._clients.release()
-            raise
-
-    def process_request_thread(self, request: Any, client_address: Any) -> None:
-        try:
-            super().process_request_thread(request, client_address)
-        finally:
-            self._clients.release()
-
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        logger.debug("metrics: client %s failed", client_address, exc_info=True)
-
-
 # -- the textfile -----------------------------------------------------------------
 
 
@@ -435,7 +357,7 @@ class TextfileWriter:
     def stop(self) -> None:
         self._stopping = True
         self._wake.set()
-        self._thread.join(CLIENT_TIMEOUT)
+        self._thread.join(STOP_TIMEOUT)
 
     def _loop(self) -> None:
         while True:

@@ -30,9 +30,9 @@ if TYPE_CHECKING:  # imported only with a metrics: section (prometheus_client)
 
 logger = logging.getLogger("relaymilter")
 
-#: Macros asked for at MAIL FROM. Both MTAs compute TLS macros at any stage, so
-#: asking here (not only at EHLO) still works when a client skips the second
-#: EHLO after STARTTLS. libmilter keeps them for the whole transaction.
+#: The certificate macros. Both MTAs compute TLS macros at any stage, so asking
+#: for them at RCPT TO (not only at EHLO) still works when a client skips the
+#: second EHLO after STARTTLS.
 MAIL_MACROS = ("{cert_subject}", "{cert_issuer}", "{verify}", "{cn_subject}", "{cn_issuer}")
 #: Macros asked for at RCPT TO: the queue id (Postfix sets it only after the
 #: first accepted recipient), the client address (so that the connect step,
@@ -40,6 +40,24 @@ MAIL_MACROS = ("{cert_subject}", "{cert_issuer}", "{verify}", "{cn_subject}", "{
 #: and the recipient as the MTA resolved it (Postfix applies the percent hack,
 #: bang paths and dequoting there), which must be internal too.
 RCPT_MACROS = ("i", "{client_addr}", "{cert_fp}", "{cert_md5}", "{rcpt_addr}")
+#: Every macro is asked for at RCPT TO, the only step that needs them, and every
+#: other step gets an empty list. Sendmail writes a step's macro packet and its
+#: command in two write()s; over TCP the second waits for our delayed ACK of the
+#: first (Nagle), about 40 ms. With an empty list Sendmail sends no macro packet
+#: at all (a list of unknown names would still send an empty one), so only RCPT
+#: TO pays. Sendmail picks the milter's end-of-message list only when the milter
+#: also sent an end-of-headers list (milter_data() tests the EOH flag for both),
+#: hence the EOH entry. Postfix writes macros and command in one write and treats
+#: an empty list as "use main.cf's list": no change there.
+SYMLISTS = (
+    (Milter.M_CONNECT, ()),
+    (Milter.M_HELO, ()),
+    (Milter.M_ENVFROM, ()),
+    (Milter.M_ENVRCPT, MAIL_MACROS + RCPT_MACROS),
+    (Milter.M_DATA, ()),
+    (Milter.M_EOH, ()),
+    (Milter.M_EOM, ()),
+)
 
 # The protocol steps asked of the MTA. The MTA never sends headers, body or
 # unknown commands, nor HELO (its macros still arrive), and the callbacks that
@@ -138,8 +156,14 @@ class RelayMilter(Milter.Base):  # type: ignore[misc]
             if self._actions:
                 # The C call directly: Milter.Base.setsymlist in pymilter 1.0.5
                 # passes bytes where the extension wants str.
-                self._ctx.setsymlist(Milter.M_ENVFROM, " ".join(MAIL_MACROS))
-                self._ctx.setsymlist(Milter.M_ENVRCPT, " ".join(RCPT_MACROS))
+                for stage, names in SYMLISTS:
+                    try:
+                        self._ctx.setsymlist(stage, " ".join(names))
+                    except Milter.error:
+                        # An old libmilter (2007 smfi.c) refuses an empty list: that
+                        # step then keeps the MTA's own list, as before.
+                        if names:
+                            raise
             wanted = STREAM_PROTOCOL if RelayMilter.stream_socket else LOCAL_PROTOCOL
             if self._actions:
                 # {client_addr} arrives at RCPT TO: the connect step is not needed.

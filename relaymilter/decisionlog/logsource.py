@@ -1,7 +1,7 @@
 """Where ``report`` and ``replay`` read decision records from: journals and log files.
 
 Pure Python, no pymilter. Records are parsed only through ``relaymilter.record``
-(``from_journal`` for journal entries, ``parse_line`` for log lines), so there
+(``from_journal`` for journal entries, ``read_line`` for log lines), so there
 is no second field list. Everything streams: one entry or line at a time.
 
 Sources:
@@ -27,23 +27,28 @@ position and are read again on every run.
 from __future__ import annotations
 
 import bz2
+import contextlib
 import datetime as dt
 import gzip
 import json
 import lzma
 import os
 import re
+import tempfile
 import time
 import zlib
 from typing import IO, Any, Dict, Iterator, List, NamedTuple, Optional, Tuple
 
-from .record import DecisionRecord, from_journal, parse_line
+from ..base.safefile import UnsafeFileError, read_regular_file
+from .record import DecisionRecord, from_journal, read_line
 
 JOURNAL_PREFIX = "RELAYMILTER_"
 IDENTIFIER = "relaymilter"
 UNIT = "relaymilter.service"
 #: A longer log line is cut there and its rest skipped: no line can take unbounded memory.
 MAX_LINE = 64 * 1024
+#: A cursor file names a few journals and hosts.
+CURSOR_FILE_LIMIT = 1024 * 1024
 
 
 class SourceError(Exception):
@@ -56,6 +61,8 @@ class Entry(NamedTuple):
     time: Optional[float]
     #: The relay that logged it (journal ``_HOSTNAME``, syslog host), if known.
     host: Optional[str]
+    #: The fields a log line showed cut (too long for a line; the journal has them whole).
+    cut: Tuple[str, ...] = ()
 
 
 class Stats:
@@ -315,11 +322,11 @@ def read_log(path: str, stats: Stats) -> Iterator[Entry]:
                 moment, host, program, message = split_syslog(line, years)
                 if program is not None and not program.startswith(IDENTIFIER):
                     continue  # another program's line
-                record = parse_line(message)
-                if record is None:
+                read = read_line(message)
+                if read is None:
                     stats.unreadable += 1
                     continue
-                yield Entry(record, moment, host)
+                yield Entry(read[0], moment, host, read[1])
         except (OSError, EOFError, lzma.LZMAError, zlib.error) as exc:
             # A compressed file cut short (rotation in progress): keep what was read.
             stats.errors.append(f"{path}: {exc}")
@@ -454,24 +461,39 @@ class CursorFile:
         self.path = path
         self.journals: Dict[str, Any] = {}
         self.hosts: Dict[str, List[float]] = {}  # host -> [time, records at that time]
-        if path and os.path.exists(path):
+        if path and os.path.lexists(path):
             try:
-                with open(path, encoding="utf-8") as stream:
-                    data = json.load(stream)
+                data = json.loads(read_regular_file(path, CURSOR_FILE_LIMIT, "the cursor file"))
                 self.journals = dict(data.get("journals", {}))
                 self.hosts = {str(k): [float(v[0]), int(v[1])] for k, v in data["hosts"].items()}
+            except UnsafeFileError as exc:
+                raise SourceError(str(exc)) from None
             except (OSError, ValueError, KeyError, TypeError, IndexError) as exc:
                 raise SourceError(f"{path}: not a relaymilter cursor file: {exc}") from None
 
     def save(self) -> None:
+        """Replace the file with the new positions, never writing through a link.
+
+        The temporary file is new (O_EXCL, a random name, O_NOFOLLOW): a link
+        planted in the directory beforehand is never followed; the rename
+        replaces a link at the cursor's own path, never its target.
+        """
         if not self.path:
             return
         data = {"version": self.VERSION, "journals": self.journals, "hosts": self.hosts}
-        temporary = f"{self.path}.tmp"
-        with open(temporary, "w", encoding="utf-8") as stream:
-            json.dump(data, stream, indent=1, sort_keys=True)
-            stream.write("\n")
-        os.replace(temporary, self.path)
+        directory = os.path.dirname(os.path.abspath(self.path))
+        handle, temporary = tempfile.mkstemp(
+            dir=directory, prefix=f".{os.path.basename(self.path)}.", suffix=".tmp"
+        )
+        try:
+            with os.fdopen(handle, "w", encoding="utf-8") as stream:
+                json.dump(data, stream, indent=1, sort_keys=True)
+                stream.write("\n")
+            os.replace(temporary, self.path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(temporary)
+            raise
 
 
 def read_entries(

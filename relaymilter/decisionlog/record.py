@@ -16,7 +16,9 @@ from __future__ import annotations
 
 from typing import Dict, Mapping, NamedTuple, Optional, Tuple
 
-from .logfmt import BARE, FIELD, quote, unquote
+from ..core.model import MODES
+from ..core.policy import ACTIONS, REASONS
+from .logfmt import BARE, FIELD, FIELD_SEQUENCE, MAX_VALUE_BYTES, left_out, quote, unquote
 
 #: The word that starts a decision line's message.
 MARKER = "decision "
@@ -141,6 +143,15 @@ _MARKER_WORD = MARKER.rstrip()
 _PREFIXES = tuple(f"{key}=" for _, key, _ in FIELDS)
 _WRAPPED = tuple(name in _ADDRESSES for name, _, _ in FIELDS)
 _bare = BARE.fullmatch
+#: The fields whose values relaymilter writes itself, with the most bytes each can take
+#: (a connection counter, and words of its own vocabulary); every other value is at
+#: most ``MAX_VALUE_BYTES``, cut beyond.
+_OWN_VALUE_BYTES = {"conn": 20, "kind": 11, "mode": 7, "config": 12, "action": 12, "reason": 18}
+#: The longest decision line, in bytes: under the 8 KiB that rsyslog carries by default
+#: (``$MaxMessageSize``), with room for a syslog prefix. relaymilter(8), LOGGING, says it.
+MAX_LINE_BYTES = len(_MARKER_WORD) + sum(
+    1 + len(key) + 1 + _OWN_VALUE_BYTES.get(name, MAX_VALUE_BYTES) for name, key, _ in FIELDS
+)
 
 
 class QuotedRecord(NamedTuple):
@@ -154,7 +165,9 @@ def _part(prefix: str, wrap: bool, value: Optional[str]) -> str:
         return prefix + "-"
     if wrap:
         value = f"<{value}>"
-    return prefix + (value if value != "-" and _bare(value) else quote(value))
+    if value != "-" and len(value) <= MAX_VALUE_BYTES and _bare(value):
+        return prefix + value
+    return prefix + quote(value)
 
 
 _BY_KEY = {key: name for name, key, _ in FIELDS}
@@ -162,23 +175,62 @@ _BY_JOURNAL_FIELD = {field: name for name, _, field in FIELDS}
 
 
 def parse_line(line: str) -> Optional[DecisionRecord]:
-    """The record in a log line (stderr, syslog, mail.log), or None if it holds none.
+    """The record in a log line (stderr, syslog, mail.log), or None if it holds none."""
+    read = read_line(line)
+    return read[0] if read is not None else None
+
+
+def read_line(line: str) -> Optional[Tuple[DecisionRecord, Tuple[str, ...]]]:
+    """The record in a log line, and the names of its fields that the line shows cut.
 
     Whatever precedes the ``decision`` marker (a syslog prefix, a level) is
-    skipped; unknown keys are ignored, missing ones are None.
+    skipped. From there the line must be ``key=value`` fields, one after
+    another to its end, each value a bare token or a quoted string as
+    ``logfmt.quote`` writes them: a line cut inside a quoted value, or
+    anything else that is not the format, gives None (unreadable), never a
+    record read in part, so no text inside a value can pass for a field.
+    Unknown keys are ignored, missing ones are None; the action and the
+    reason must be ones relaymilter writes.
     """
     start = line.find(MARKER)
     if start < 0 or not _is_prefix(line[:start]):
         return None
-    values: Dict[str, Optional[str]] = {}
-    for key, token in FIELD.findall(line, start + len(MARKER)):
-        name = _BY_KEY.get(key)
-        if name is None or name in values:
-            continue
-        values[name] = _value(name, token)
-    if "action" not in values or "recipient" not in values:
+    position, end = start + len(MARKER), len(line)
+    while end > position and line[end - 1] in "\r\n":
+        end -= 1
+    # The whole rest is fields, one after another; then they are taken in order.
+    rest = line[position:end]
+    if FIELD_SEQUENCE.fullmatch(rest) is None:
+        return None
+    if '"' in rest:
+        pairs = FIELD.findall(rest)
+    else:  # every value bare (the usual line): split, in C
+        pairs = [piece.split("=", 1) for piece in rest.split(" ")]
+    known = [(name, token) for key, token in pairs if (name := _BY_KEY.get(key))]
+    values: Dict[str, Optional[str]] = {
+        name: None if token == "-" else token if token[0] != '"' else unquote(token)
+        for name, token in known
+    }
+    if len(values) < len(known):
+        return None  # each is written once: a second one is not relaymilter's
+    cut = tuple(name for name, token in known if token[-1] == '"' and left_out(token))
+    for name in _ADDRESSES.intersection(values):
+        values[name] = _address(values[name], name in cut)
+    if not _is_complete(values):
         return None  # a truncated line, or another program's
-    return DecisionRecord(**values)
+    return DecisionRecord(**values), cut
+
+
+def _is_complete(values: Mapping[str, Optional[str]]) -> bool:
+    """Whether a record has what every version writes, in the vocabulary it writes it in."""
+    if values.get("recipient") is None:
+        return False
+    mode = values.get("mode")
+    return (
+        values.get("action") in ACTIONS
+        and values.get("reason") in REASONS
+        and (mode is None or mode in MODES)
+    )
 
 
 def _is_prefix(text: str) -> bool:
@@ -199,15 +251,15 @@ def _is_prefix(text: str) -> bool:
 def from_journal(entry: Mapping[str, str]) -> Optional[DecisionRecord]:
     """The record in a journal entry's ``RELAYMILTER_*`` fields (prefix already removed)."""
     values = {name: entry[field] for field, name in _BY_JOURNAL_FIELD.items() if field in entry}
-    if "action" not in values or "recipient" not in values:
+    if not _is_complete(values):
         return None
     return DecisionRecord(**values)
 
 
-def _value(name: str, token: str) -> Optional[str]:
-    if token == "-":
-        return None
-    value = unquote(token)
-    if name in _ADDRESSES and value.startswith("<") and value.endswith(">"):
-        value = value[1:-1]
-    return value
+def _address(value: Optional[str], cut: bool) -> Optional[str]:
+    """An address field without the angle brackets the writer put around it."""
+    if value is None or not value.startswith("<"):
+        return value
+    if value.endswith(">") and not cut:
+        return value[1:-1]
+    return value[1:] if cut else value  # cut before its closing bracket

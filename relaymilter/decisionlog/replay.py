@@ -22,9 +22,10 @@ from __future__ import annotations
 import json
 from typing import Any, Dict, Iterable, List, NamedTuple, Optional, Tuple
 
+from ..core.domains import envelope_address
 from ..core.model import Config
 from ..core.networks import parse_client_address
-from ..core.policy import ACTION_CONTINUE, ACTION_WOULD_REJECT, Transaction
+from ..core.policy import ACTION_CONTINUE, ACTION_WOULD_REJECT, Transaction, recipient_of
 from ..core.tlsidentity import PresentedCertificate, certificate_from_mapping
 from .logfmt import escape
 from .logsource import Entry, Stats, iso
@@ -84,11 +85,12 @@ class Replayer:
             if len(self._cache) >= self.CACHE:
                 self._cache.clear()
             address = parse_client_address(record.client) if record.client else None
-            transaction = Transaction(
-                self.config, address, presented_certificate(record), record.sender or ""
-            )
+            # The record holds the addresses as the milter judged them, their
+            # brackets already taken off: they are not parsed again.
+            sender = envelope_address(record.sender or "")
+            transaction = Transaction(self.config, address, presented_certificate(record), sender)
             self._cache[key] = transaction
-        decision = transaction.decide(record.recipient or "", record.mta_rcpt)
+        decision = transaction.judge(recipient_of(record.recipient or "", record.mta_rcpt))
         attribution = transaction.attribution
         return record._replace(
             organization=attribution.organization.name if attribution else None,
@@ -126,7 +128,7 @@ def replay(
     allowed = Aggregator(lambda record: True)
     # The old organizations' domains help name the remedies of newly refused flows.
     everything = Aggregator(lambda record: False)
-    replayed = partial = partial_changed = unchanged = 0
+    replayed = partial = partial_changed = unchanged = cut = 0
     first: Optional[float] = None
     last: Optional[float] = None
     hosts = set()
@@ -140,6 +142,11 @@ def replay(
         if entry.time is not None:
             first = entry.time if first is None or entry.time < first else first
             last = entry.time if last is None or entry.time > last else last
+        if entry.cut:
+            # A log line showed a value cut: deciding on part of an address
+            # would be a guess. The journal keeps it whole.
+            cut += 1
+            continue
         new = replayer.decide(old)
         everything.add(entry, new)
         before, after = level(old.action), level(new.action)
@@ -155,8 +162,8 @@ def replay(
         else:
             unchanged += 1
     refused.own_domains = everything.own_domains
-    refused_rows = group_rows(refused.groups, Remedies(refused, config), top)
-    allowed_rows = group_rows(allowed.groups, lambda key, group: "", top)
+    refused_rows = group_rows(refused, Remedies(refused, config), top)
+    allowed_rows = group_rows(allowed, lambda key, group: "", top)
     return ReplayResult(
         period={
             "since": iso(since if since is not None else first),
@@ -168,6 +175,7 @@ def replay(
             "relays": sorted(hosts),
             "partial": partial,
             "partial_changed": partial_changed,
+            "cut": cut,
             "unchanged": unchanged,
             "newly_refused": refused.decisions,
             "newly_allowed": allowed.decisions,
@@ -201,6 +209,11 @@ def as_text(result: ReplayResult) -> str:
         f"unchanged: {t['unchanged']}; newly refused: {t['newly_refused']}; "
         f"newly allowed: {t['newly_allowed']}",
     ]
+    if t["cut"]:
+        lines.append(
+            f"{t['cut']} record(s) not replayed: their log line shows a value cut (too long "
+            "for a line); the journal has them whole (--journal)"
+        )
     if t["unreadable_lines"]:
         lines.append(f"{t['unreadable_lines']} decision line(s) could not be read (truncated?)")
     lines.extend(f"error: {escape(e)}" for e in t["errors"])

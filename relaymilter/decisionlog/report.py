@@ -4,8 +4,13 @@ Pure Python, no pymilter. Records stream in from ``logsource``; only the groups
 are kept (organization x connector x client address x sender domain x reason x
 action), each with bounded state: counts, distinct recipients and recipient
 domains (exact up to ``Distinct.EXACT``, then a K-minimum-values estimate),
-first and last seen, and a few sample queue ids. So memory grows with the
-number of groups, not of records.
+first and last seen, and a few sample queue ids. And at most
+``2 * Aggregator.MAX_GROUPS`` groups are open at once: past that, the
+smaller half is let go (their records are counted in "other"), so memory is
+bounded whatever the input, however many sender domains or clients a log has.
+A group kept from its first record has an exact count; one opened after
+groups were let go may miss up to as many records as the largest group let
+go had, and says so (``count_error``).
 
 Each refused group gets a concrete remedy; the formats are aligned text,
 ``--json`` (a stable contract, see relaymilter(8)), ``--csv`` (the same
@@ -15,10 +20,11 @@ columns) and ``--html`` (one self-contained page with an inline SVG chart).
 from __future__ import annotations
 
 import csv
-import heapq
 import html
 import io
 import json
+from array import array
+from bisect import bisect_left
 from typing import Any, Callable, Dict, Iterable, List, NamedTuple, Optional, Set, Tuple
 
 from ..core.certnames import normalize_certificate_name
@@ -50,6 +56,7 @@ COLUMNS = (
     "last_seen",
     "samples",
     "remedy",
+    "count_error",
 )
 #: A client sending for this many foreign sender domains is forwarding mail.
 FORWARDING_DOMAINS = 3
@@ -58,49 +65,39 @@ FORWARDING_DOMAINS = 3
 class Distinct:
     """A count of distinct values: exact up to EXACT values, then a K-minimum-values estimate.
 
-    The estimate keeps the K smallest hash values (in [0, 1)) and is
-    (K - 1) / the K-th smallest; its relative error is about 1/sqrt(K), 6 %.
-    Per group that is at most a few dozen kilobytes, however many records.
+    The values' 64-bit hashes are kept sorted in an array (8 bytes each): all
+    of them up to EXACT, then only the K smallest, and the estimate is
+    (K - 1) / the K-th smallest (in [0, 1)); its relative error is about
+    1/sqrt(K), 6 %. At most about 2 KiB per count, however many values.
     """
 
     EXACT = 256
     K = 256
-    __slots__ = ("_heap", "_kept", "_values")
+    __slots__ = ("_exact", "_hashes")
 
     def __init__(self) -> None:
-        #: 64-bit hashes of the values (not the values: less memory, same count).
-        self._values: Optional[Set[int]] = set()
-        self._heap: List[float] = []  # negated: a max-heap of the K smallest
-        self._kept: Set[float] = set()
+        self._hashes = array("Q")
+        self._exact = True
 
     def add(self, value: str) -> None:
         digest = hash(value) & 0xFFFFFFFFFFFFFFFF
-        values = self._values
-        if values is not None:
-            values.add(digest)
-            if len(values) > self.EXACT:
-                self._values = None
-                for old in values:
-                    self._sketch(old)
+        hashes = self._hashes
+        position = bisect_left(hashes, digest)
+        if position < len(hashes) and hashes[position] == digest:
             return
-        self._sketch(digest)
-
-    def _sketch(self, digest: int) -> None:
-        point = digest / 18446744073709551616.0
-        if point in self._kept:
-            return
-        if len(self._heap) < self.K:
-            heapq.heappush(self._heap, -point)
-            self._kept.add(point)
-        elif point < -self._heap[0]:
-            dropped = -heapq.heapreplace(self._heap, -point)
-            self._kept.discard(dropped)
-            self._kept.add(point)
+        if self._exact:
+            hashes.insert(position, digest)
+            if len(hashes) > self.EXACT:
+                self._exact = False
+                del hashes[self.K :]
+        elif position < self.K:
+            hashes.insert(position, digest)
+            del hashes[self.K :]
 
     def __len__(self) -> int:
-        if self._values is not None:
-            return len(self._values)
-        return round((self.K - 1) / -self._heap[0])
+        if self._exact:
+            return len(self._hashes)
+        return round((self.K - 1) / (self._hashes[self.K - 1] / 18446744073709551616.0))
 
 
 class GroupKey(NamedTuple):
@@ -116,6 +113,7 @@ class Group:
     __slots__ = (
         "certificate",
         "count",
+        "error",
         "first_seen",
         "last_seen",
         "recipient_domains",
@@ -124,8 +122,11 @@ class Group:
         "senders",
     )
 
-    def __init__(self) -> None:
+    def __init__(self, error: int = 0) -> None:
         self.count = 0
+        #: How many records of this group may be missing from ``count``: those it
+        #: had before it was let go (see ``Aggregator``); 0 for an exact count.
+        self.error = error
         self.recipients = Distinct()
         self.recipient_domains = Distinct()
         self.first_seen: Optional[float] = None
@@ -190,11 +191,30 @@ class OrganizationTotals:
 
 
 class Aggregator:
-    """Groups decision records; keeps only per-group, per-organization and per-day state."""
+    """Groups decision records; keeps only per-group, per-organization and per-day state.
 
-    def __init__(self, include: Optional[Callable[[DecisionRecord], bool]] = None) -> None:
+    At most ``2 * MAX_GROUPS`` groups at once: when that many are open, all
+    but the ``MAX_GROUPS`` largest are let go, their records counted in
+    ``dropped_records``. A group that opens later may have been let go before,
+    with at most ``dropped_largest`` records: that is its ``error``.
+    """
+
+    MAX_GROUPS = 10_000
+
+    def __init__(
+        self,
+        include: Optional[Callable[[DecisionRecord], bool]] = None,
+        max_groups: Optional[int] = None,
+    ) -> None:
         self.include = include or (lambda record: record.action in REFUSALS)
+        self.max_groups = max_groups or self.MAX_GROUPS
         self.groups: Dict[GroupKey, Group] = {}
+        #: Groups let go to bound memory, their records, and the largest one's count.
+        self.dropped_groups = 0
+        self.dropped_records = 0
+        self.dropped_largest = 0
+        #: Records whose log line showed a value cut (grouped by the part kept).
+        self.cut = 0
         self.organizations: Dict[Optional[str], OrganizationTotals] = {}
         #: (organization, UTC day) -> [would-reject, reject + soft-reject]
         self.days: Dict[Tuple[Optional[str], str], List[int]] = {}
@@ -216,6 +236,8 @@ class Aggregator:
                 self.first = moment
             if self.last is None or moment > self.last:
                 self.last = moment
+        if entry.cut:
+            self.cut += 1
         action = record.action or "-"
         totals = self.organizations.get(record.organization)
         if totals is None:
@@ -244,7 +266,9 @@ class Aggregator:
         )
         group = self.groups.get(key)
         if group is None:
-            group = self.groups[key] = Group()
+            if len(self.groups) >= 2 * self.max_groups:
+                self._let_go()
+            group = self.groups[key] = Group(self.dropped_largest)
             group.certificate = _certificate(record) if record.kind != "certificate" else None
         group.count += 1
         recipient = (record.recipient or "").lower()
@@ -266,6 +290,15 @@ class Aggregator:
         sender = record.sender or ""
         if len(group.senders) < 3 and sender not in group.senders:
             group.senders.append(sender)
+
+    def _let_go(self) -> None:
+        """Keep the ``max_groups`` largest groups (the first opened, among equals)."""
+        ordered = sorted(self.groups.items(), key=lambda item: -item[1].count)
+        for _key, group in ordered[self.max_groups :]:
+            self.dropped_groups += 1
+            self.dropped_records += group.count
+            self.dropped_largest = max(self.dropped_largest, group.count + group.error)
+        self.groups = dict(ordered[: self.max_groups])
 
     def _own_domain(self, organization: str, domain: str) -> None:
         counts = self.own_domains.setdefault(organization, {})
@@ -414,33 +447,49 @@ class Report(NamedTuple):
 
 
 def group_rows(
-    groups: Dict[GroupKey, Group], remedy: Callable[[GroupKey, Group], str], top: int
+    aggregator: Aggregator, remedy: Callable[[GroupKey, Group], str], top: int
 ) -> List[Dict[str, Any]]:
-    """The groups as rows (COLUMNS), largest first; beyond ``top`` one "other" row."""
-    ordered = sorted(groups.items(), key=lambda item: (-item[1].count, _sort_key(item[0])))
+    """The groups as rows (COLUMNS), largest first; then one "other" row for the rest.
+
+    The rest: the groups beyond ``top``, and those let go to bound memory.
+    """
+    ordered = sorted(
+        aggregator.groups.items(), key=lambda item: (-item[1].count, _sort_key(item[0]))
+    )
     rows = [_row(key, group, remedy(key, group)) for key, group in ordered[: top or None]]
     rest = ordered[top:] if top else []
-    if rest:
-        firsts = [g.first_seen for _, g in rest if g.first_seen is not None]
-        lasts = [g.last_seen for _, g in rest if g.last_seen is not None]
-        rows.append(
-            {
-                "organization": None,
-                "connector": None,
-                "client_address": None,
-                "sender_domain": None,
-                "reason": None,
-                "action": None,
-                "count": sum(g.count for _, g in rest),
-                "recipients": sum(len(g.recipients) for _, g in rest),
-                "recipient_domains": sum(len(g.recipient_domains) for _, g in rest),
-                "first_seen": iso(min(firsts)) if firsts else None,
-                "last_seen": iso(max(lasts)) if lasts else None,
-                "samples": [],
-                "remedy": f"other: {len(rest)} more groups (--top 0 lists them all)",
-            }
-        )
+    if rest or aggregator.dropped_groups:
+        rows.append(_other_row(aggregator, [group for _, group in rest]))
     return rows
+
+
+def _other_row(aggregator: Aggregator, rest: List[Group]) -> Dict[str, Any]:
+    firsts = [g.first_seen for g in rest if g.first_seen is not None]
+    lasts = [g.last_seen for g in rest if g.last_seen is not None]
+    remedy = []
+    if rest:
+        remedy.append(f"{len(rest)} more groups (--top 0 lists them all)")
+    if aggregator.dropped_groups:
+        remedy.append(
+            f"{aggregator.dropped_records} records of {aggregator.dropped_groups} smaller "
+            f"groups let go to bound memory (at most {aggregator.dropped_largest} records each)"
+        )
+    return {
+        "organization": None,
+        "connector": None,
+        "client_address": None,
+        "sender_domain": None,
+        "reason": None,
+        "action": None,
+        "count": sum(g.count for g in rest) + aggregator.dropped_records,
+        "recipients": sum(len(g.recipients) for g in rest),
+        "recipient_domains": sum(len(g.recipient_domains) for g in rest),
+        "first_seen": iso(min(firsts)) if firsts else None,
+        "last_seen": iso(max(lasts)) if lasts else None,
+        "samples": [],
+        "remedy": "other: " + "; ".join(remedy),
+        "count_error": 0,
+    }
 
 
 def _sort_key(key: GroupKey) -> Tuple[str, ...]:
@@ -462,6 +511,7 @@ def _row(key: GroupKey, group: Group, remedy: str) -> Dict[str, Any]:
         "last_seen": iso(group.last_seen),
         "samples": list(group.samples),
         "remedy": remedy,
+        "count_error": group.error,
     }
 
 
@@ -478,7 +528,7 @@ def build_report(
     add = aggregator.add
     for entry in entries:
         add(entry)
-    rows = group_rows(aggregator.groups, Remedies(aggregator, config), top)
+    rows = group_rows(aggregator, Remedies(aggregator, config), top)
     return Report(
         period={
             "since": iso(since if since is not None else aggregator.first),
@@ -506,6 +556,9 @@ def totals(aggregator: Aggregator, stats: Optional[Stats]) -> Dict[str, Any]:
         "soft_reject": actions.get(ACTION_SOFT_REJECT, 0),
         "share": round(refused / decisions, 4) if decisions else 0.0,
         "groups": len(aggregator.groups),
+        "groups_let_go": aggregator.dropped_groups,
+        "records_let_go": aggregator.dropped_records,
+        "cut_records": aggregator.cut,
         "organizations": [
             totals.as_dict(name)
             for name, totals in sorted(
@@ -542,15 +595,26 @@ def as_csv(report: Report) -> str:
     writer = csv.writer(out, lineterminator="\n")
     writer.writerow(COLUMNS)
     for row in report.groups:
-        cells = []
-        for column in COLUMNS:
-            value = row[column]
-            cell = "" if value is None else _cell(value)
-            if cell[:1] in ("=", "+", "@"):  # a spreadsheet would run it as a formula
-                cell = "'" + cell
-            cells.append(cell)
-        writer.writerow(cells)
+        writer.writerow(_csv_cell(row[column]) for column in COLUMNS)
     return out.getvalue()
+
+
+#: What a spreadsheet reads as the start of a formula (OWASP's "CSV Injection" list).
+_FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def _csv_cell(value: Any) -> str:
+    """A value for a spreadsheet: controls escaped, and never a formula.
+
+    A text that starts like a formula gets a leading ``'``, which spreadsheets
+    take as "this is text"; a number stays a number.
+    """
+    if value is None:
+        return ""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    cell = _cell(value)
+    return "'" + cell if cell.startswith(_FORMULA_STARTS) else cell
 
 
 def _percent(share: float) -> str:
@@ -577,6 +641,17 @@ def summary_lines(report: Report) -> List[str]:
         lines.append(f"  {t['unreadable_lines']} decision line(s) could not be read (truncated?)")
     if t["undated_skipped"]:
         lines.append(f"  {t['undated_skipped']} record(s) without a time left out by the period")
+    if t["cut_records"]:
+        lines.append(
+            f"  {t['cut_records']} record(s) from log lines that show a value cut (too long for "
+            "a line): grouped by the part shown; the journal has them whole"
+        )
+    if t["groups_let_go"]:
+        lines.append(
+            f"  memory bound: {t['groups_let_go']} smaller groups ({t['records_let_go']} "
+            "records) were let go and are counted in 'other'; a COUNT shown as N+E may miss "
+            "up to E records of its group"
+        )
     lines.extend(f"  error: {_cell(e)}" for e in t["errors"])
     return lines
 
@@ -597,11 +672,18 @@ _TEXT_COLUMNS = (
 )
 
 
+def _text_cell(row: Dict[str, Any], key: str) -> str:
+    """A cell of the text and HTML tables: a count that may miss records shows how many."""
+    if key == "count" and row.get("count_error"):
+        return f"{row['count']}+{row['count_error']}"
+    return _cell(row[key])
+
+
 def table_lines(rows: List[Dict[str, Any]]) -> List[str]:
     """The rows as an aligned table, each followed by its remedy."""
     if not rows:
         return ["no groups"]
-    cells = [[_cell(row[key]) for key, _ in _TEXT_COLUMNS] for row in rows]
+    cells = [[_text_cell(row, key) for key, _ in _TEXT_COLUMNS] for row in rows]
     headers = [title for _, title in _TEXT_COLUMNS]
     widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(headers)]
     lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths)).rstrip()]
@@ -713,7 +795,7 @@ def as_html(report: Report) -> str:
         cells = []
         for key, _ in _TEXT_COLUMNS:
             value = row[key]
-            text = _cell(value)  # controls made visible: no bare CR or LF in a mail
+            text = _text_cell(row, key)  # controls made visible: no bare CR or LF in a mail
             numeric = ' class="n"' if isinstance(value, int) else ""
             cells.append(f"<td{numeric}>{e(text)}</td>")
         cells.append(f'<td class="remedy">{e(_cell(row["remedy"] or ""))}</td>')

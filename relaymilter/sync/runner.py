@@ -48,6 +48,8 @@ EXIT_BUSY = 75  # sysexits.h EX_TEMPFAIL
 EXIT_CONFIG = 78  # sysexits.h EX_CONFIG
 #: Organizations whose changes the status file keeps (the count of the others too).
 CHANGED_ORGANIZATIONS_KEPT = 100
+#: A source's notes (an X.400 domain skipped) the status file keeps, and the count.
+NOTES_KEPT = 20
 
 #: The module of each kind of source, imported only when a source of its kind is fetched.
 _FETCHERS = {kind: f"{__package__}.sources.{kind}" for kind in ("files", "ldap", "postgresql")}
@@ -306,6 +308,8 @@ def _report(
             f"{plural(len(item.result.organizations), 'organization')} in {item.seconds:.2f} s "
             f"({item.result.detail})\n"
         )
+        for note in item.result.notes:
+            sync.out.write(f"{item.source.kind} {item.source.name!r}: {note}\n")
     verb = "would change" if dry_run else "changed"
     for name, organization_change in change.items():
         sync.out.write(f"{verb} {name}: {organization_change.describe()}\n")
@@ -363,10 +367,14 @@ def _write_status(
 def _source_counts(item: Fetched) -> Dict[str, Any]:
     assert item.result is not None
     organizations = item.result.organizations
+    notes = item.result.notes
     return {
         "records": item.result.records,
         "seconds": round(item.seconds, 3),
         "detail": item.result.detail,
+        # Bounded: the daemon reads this file for its status line and metrics.
+        "notes": notes[:NOTES_KEPT],
+        "more_notes": max(0, len(notes) - NOTES_KEPT),
         "organizations": len(organizations),
         "domains": sum(len(o.accepted_domains) for o in organizations),
         "connectors": sum(len(o.connectors) for o in organizations),
@@ -415,12 +423,18 @@ def _lock(status_path: str, dry_run: bool) -> Iterator[None]:
         yield  # a dry run writes nothing
         return
     os.makedirs(os.path.dirname(os.path.abspath(status_path)), exist_ok=True)
-    with open(status_path + ".lock", "a") as lock:
+    # O_NOFOLLOW: a link planted at the lock's path is refused (ELOOP), never
+    # followed to create or append to a file elsewhere as root.
+    flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC
+    lock = os.open(status_path + ".lock", flags, 0o600)
+    try:
         try:
-            fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             raise LockBusy() from None
         yield
+    finally:
+        os.close(lock)
 
 
 def show_status(config_path: str, as_json: bool, out: IO[str], err: IO[str]) -> int:

@@ -170,6 +170,11 @@ def _describe_source(name: str, source: Dict[str, Any], now: float) -> List[str]
             f"  read {plural(source.get('records', 0), 'record')} in "
             f"{source.get('seconds', 0):.2f} s from {source.get('detail', '?')}: {counts}"
         )
+    notes = source.get("notes")
+    if success and isinstance(notes, list):
+        lines.extend(f"  {note}" for note in notes)
+        if source.get("more_notes"):
+            lines.append(f"  and {source['more_notes']} more")
     if source.get("last_error"):
         lines.append(
             f"  last error ({describe_time(source.get('last_attempt'))}): {source['last_error']}"

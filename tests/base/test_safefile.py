@@ -8,7 +8,6 @@ import pwd
 import shutil
 import socket
 import subprocess
-import sys
 import tempfile
 import threading
 from pathlib import Path
@@ -23,7 +22,7 @@ from relaymilter.base.safefile import (
     read_regular_file,
 )
 
-from ..support import REPO
+from ..support import readable_copy
 
 # Generous: a refusal takes microseconds; the bound only keeps a regression
 # that blocks from hanging the suite.
@@ -186,8 +185,9 @@ def test_permission_denied() -> None:
         secret = directory / "secret.pem"
         secret.write_text("secret")
         os.chmod(secret, 0o600)
+        python, copy = readable_copy(directory)  # the checkout may be in /root (0700)
         code = (
-            f"import sys; sys.path.insert(0, {str(REPO)!r})\n"
+            f"import sys; sys.path.insert(0, {str(copy)!r})\n"
             "from relaymilter.base.safefile import UnsafeFileError, read_regular_file\n"
             "try:\n"
             f"    read_regular_file({str(secret)!r}, 1024, 'certificate file')\n"
@@ -196,7 +196,7 @@ def test_permission_denied() -> None:
         )
         as_nobody = ["setpriv", f"--reuid={nobody.pw_uid}", f"--regid={nobody.pw_gid}"]
         result = subprocess.run(
-            [*as_nobody, "--clear-groups", sys.executable, "-c", code],
+            [*as_nobody, "--clear-groups", python, "-c", code],
             capture_output=True,
             text=True,
             timeout=DEADLINE,

@@ -146,3 +146,23 @@ def test_the_most_specific_mode_wins_and_soft_refuses_temporarily() -> None:
     assert config.summary().endswith("mode monitor; enforce: contoso/printers; soft: contoso"), (
         config.summary()
     )
+
+
+@pytest.mark.parametrize("space", ["\u00a0", "\u3000", "\u0085", "\u001c", "\u001f", "\u2028"])
+def test_unicode_white_space_is_part_of_the_domain_the_mta_routes_on(
+    config: Config, space: str
+) -> None:
+    # Sendmail relayed u@contoso.com\u00a0 to the literal domain "contoso.com\u00a0":
+    # that is not contoso.com, so the recipient is external (and the sender's domain
+    # is not the organization's).
+    transaction = Transaction(config, parse_client_address("192.0.2.7"), None, "<>")
+    for rcpt in (f"<u@contoso.com{space}>", f"<u@{space}contoso.com>", f"{space}<u@contoso.com>"):
+        assert (transaction.decide(rcpt).action, transaction.decide(rcpt).reason) == (
+            "reject",
+            "attr36",
+        ), repr(rcpt)
+    sender = Transaction(config, parse_client_address("192.0.2.7"), None, f"<a@contoso.com{space}>")
+    assert sender.decide("<kate@tailspintoys.com>").reason == "attr36"
+    assert parse_envelope_address(f"<a@contoso.com{space}>").domain != "contoso.com"
+    # What the MTAs do take off: ASCII white space around the address.
+    assert transaction.decide(" \t<u@contoso.com> ").reason == "internal-recipient"

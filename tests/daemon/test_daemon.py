@@ -68,7 +68,16 @@ def test_negotiates_away_what_it_does_not_use(session: MilterSession) -> None:
 
 
 def test_requests_its_own_macros(session: MilterSession) -> None:
-    assert session.symlists == {2: MAIL_MACROS, 3: RCPT_MACROS}
+    # Every macro at RCPT TO, and an empty list (no macro packet) everywhere else.
+    assert session.symlists == {
+        0: [],
+        1: [],
+        2: [],
+        3: MAIL_MACROS + RCPT_MACROS,
+        4: [],
+        5: [],
+        6: [],
+    }
 
 
 def test_replies_at_rcpt(session: MilterSession, daemon: Daemon) -> None:
@@ -151,9 +160,8 @@ def test_explain_agrees_with_the_running_milter(
     try:
         client.negotiate()
         client.connect(scenario.client)
-        mail_macros = {k: v for k, v in scenario.macros.items() if k in MAIL_MACROS}
-        rcpt_macros = {k: v for k, v in scenario.macros.items() if k in RCPT_MACROS}
-        client.mail(scenario.mail_from, mail_macros)
+        rcpt_macros = {k: v for k, v in scenario.macros.items() if k in MAIL_MACROS + RCPT_MACROS}
+        client.mail(scenario.mail_from, {})
         replies = [client.rcpt(f"<{r}>", rcpt_macros) for r, _, _ in scenario.recipients]
     finally:
         client.close()

@@ -754,3 +754,88 @@ def test_series_that_alerts_watch_exist_from_the_start_at_zero() -> None:
     for stage in ("connect", "negotiate", "envrcpt"):
         assert f'relaymilter_internal_errors_total{{stage="{stage}"}} 0.0' in text
     assert 'relaymilter_config_loads_total{result="failure",trigger="reload"} 0.0' in text
+
+
+# -- the endpoint against slow clients ---------------------------------------------------
+
+
+def _trickle(sock: socket.socket, stop: threading.Event, interval: float) -> None:
+    """A slowloris: one byte of a request every ``interval`` seconds, never the end."""
+    request = b"GET /metrics HTTP/1.1\r\nHost: relay\r\nX-Padding: " + b"x" * 1000
+    for byte in request:
+        if stop.wait(interval):
+            return
+        try:
+            sock.sendall(bytes([byte]))
+        except OSError:
+            return
+
+
+def test_slow_clients_cannot_stall_the_endpoint(metrics_daemon: MetricsDaemon) -> None:
+    # The review: 20 clients that each send one header byte every 4 s held all 16
+    # slots of the old endpoint (its timeout was per receive), and a normal scrape
+    # went unanswered.
+    stop = threading.Event()
+    clients = [
+        socket.create_connection(("127.0.0.1", metrics_daemon.port), timeout=30) for _ in range(20)
+    ]
+    threads = [threading.Thread(target=_trickle, args=(c, stop, 4.0)) for c in clients]
+    try:
+        for thread in threads:
+            thread.start()
+        for _ in range(3):
+            assert "relaymilter_decisions_total" in scrape(metrics_daemon.port)
+        assert send_traffic(metrics_daemon.daemon.spec)[0] == "550 " + ATTR36
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join()
+        for client in clients:
+            client.close()
+
+
+def _closed_by_the_server(sock: socket.socket, within: float) -> bool:
+    sock.settimeout(within)
+    try:
+        return sock.recv(1) == b""
+    except ConnectionResetError:
+        return True
+    except socket.timeout:
+        return False
+
+
+def test_a_client_gets_a_deadline_for_its_whole_request() -> None:
+    from relaymilter.daemon.metrics import Metrics
+    from relaymilter.daemon.metricshttp import MAX_CONNECTIONS, MetricsServer
+
+    server = MetricsServer(("127.0.0.1", 0), Metrics().registry, request_deadline=1.0)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.1})
+    thread.start()
+    port = server.server_address[1]
+    stop = threading.Event()
+    try:
+        slow = socket.create_connection(("127.0.0.1", port), timeout=5)
+        trickler = threading.Thread(target=_trickle, args=(slow, stop, 0.2))
+        trickler.start()
+        assert "relaymilter_decisions_total" in scrape(port)
+        # A byte every 0.2 s does not buy time: closed once its 1 s are up.
+        assert _closed_by_the_server(slow, within=5)
+        # More connections than the endpoint keeps: the oldest make way.
+        silent = [socket.create_connection(("127.0.0.1", port)) for _ in range(MAX_CONNECTIONS)]
+        newest = socket.create_connection(("127.0.0.1", port))
+        assert "relaymilter_decisions_total" in scrape(port)
+        assert _closed_by_the_server(silent[0], within=5)
+        newest.sendall(b"POST /metrics HTTP/1.0\r\n\r\n")
+        assert newest.recv(100).startswith(b"HTTP/1.0 405 ")
+        for sock in [*silent, newest]:
+            sock.close()
+        # A request too large to be one is answered, not buffered without end.
+        huge = socket.create_connection(("127.0.0.1", port), timeout=5)
+        huge.sendall(b"GET /metrics HTTP/1.1\r\n" + b"X: " + b"y" * 9000)
+        assert huge.recv(100).startswith(b"HTTP/1.0 431 ")
+        huge.close()
+    finally:
+        stop.set()
+        server.shutdown()
+        server.server_close()
+        thread.join()

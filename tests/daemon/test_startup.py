@@ -22,7 +22,7 @@ from ..support import (
     MilterSession,
     free_port,
     gated_reload_command,
-    relaymilter_command,
+    readable_relaymilter_command,
     run_cli,
     running_daemon,
     stop_promptly,
@@ -197,7 +197,8 @@ def as_nobody() -> List[str]:
 
 
 def test_permission_denied_is_named(shared_dir: Path, tmp_path: Path) -> None:
-    argv = [*as_nobody(), *relaymilter_command(), "run"]
+    # nobody runs a copy it can read: the checkout may be in /root (mode 0700).
+    argv = [*as_nobody(), *readable_relaymilter_command(shared_dir), "run"]
     config = shared_dir / "relaymilter.yml"
     config.write_text(CONFIG)
     os.chmod(config, 0o644)

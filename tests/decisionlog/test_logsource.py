@@ -6,6 +6,7 @@ import datetime as dt
 import gzip
 import importlib
 import json
+import os
 import sys
 from pathlib import Path
 from typing import List
@@ -204,6 +205,34 @@ def test_a_broken_cursor_file_is_an_error(tmp_path: Path) -> None:
     path.write_text("{not json")
     with pytest.raises(SourceError, match="not a relaymilter cursor file"):
         CursorFile(str(path))
+
+
+def test_saving_the_cursor_never_writes_through_a_link(tmp_path: Path) -> None:
+    # A link planted where the old code wrote its temporary file, and one at the
+    # cursor's own path: neither target may be written.
+    victim = tmp_path / "victim"
+    victim.write_text("untouched\n")
+    path = tmp_path / "cursor.json"
+    (tmp_path / "cursor.json.tmp").symlink_to(victim)
+    cursor = CursorFile(str(path))
+    cursor.hosts["relay1"] = [1.0, 1]
+    cursor.save()
+    assert victim.read_text() == "untouched\n"
+    assert json.loads(path.read_text())["hosts"] == {"relay1": [1.0, 1]}
+    path.unlink()
+    path.symlink_to(victim)
+    with pytest.raises(SourceError):
+        CursorFile(str(path))  # a link to something that is not a cursor file
+    CursorFile(None).save()
+    fresh = CursorFile(str(tmp_path / "other.json"))
+    fresh.save()
+    os.replace(tmp_path / "other.json", path)  # the link itself is replaced
+    assert victim.read_text() == "untouched\n" and not path.is_symlink()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "cursor.json",
+        "cursor.json.tmp",
+        "victim",
+    ]
 
 
 def test_a_missing_log_file_is_an_error(tmp_path: Path) -> None:

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import csv
+import email
 import io
 import json
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -20,6 +22,7 @@ from relaymilter.decisionlog.logsource import Entry
 from relaymilter.decisionlog.record import DecisionRecord
 from relaymilter.decisionlog.report import (
     COLUMNS,
+    Aggregator,
     Distinct,
     Report,
     as_csv,
@@ -27,6 +30,7 @@ from relaymilter.decisionlog.report import (
     as_json,
     as_text,
     build_report,
+    group_rows,
 )
 
 from .. import traffic as dl
@@ -201,6 +205,7 @@ def test_the_json_contract() -> None:
             "last_seen",
             "samples",
             "remedy",
+            "count_error",
         ]
 
 
@@ -222,7 +227,7 @@ def test_the_distinct_count_is_exact_then_estimated_in_bounded_memory() -> None:
     for n in range(200_000):
         large.add(f"user{n}@x")
     assert abs(len(large) - 200_000) < 200_000 * 0.2
-    assert large._values is None and len(large._kept) == Distinct.K
+    assert not large._exact and len(large._hashes) == Distinct.K  # 2 KiB, however many
 
 
 # -- hostile values ----------------------------------------------------------------
@@ -419,9 +424,76 @@ def test_the_example_timer_unit_mails_the_html_report(tmp_path: Path) -> None:
     )
     env = {**os.environ, "STATE_DIRECTORY": str(tmp_path), "REPORT_TO": "postmaster"}
     subprocess.run(["/bin/sh", "-ec", script], env=env, check=True, timeout=60)
-    mail = (tmp_path / "mail.txt").read_text()
-    headers, _, body = mail.partition("\n\n")
-    assert headers.splitlines()[0] == "To: postmaster"
-    assert "Content-Type: text/html; charset=utf-8" in headers.splitlines()
+    mail = (tmp_path / "mail.txt").read_bytes()
+    # SMTP: no line longer than 998 octets (RFC 5321 4.5.3.1.6), or MTAs break it.
+    assert max(len(line) for line in mail.split(b"\n")) <= 998
+    assert max(len(line.encode()) for line in as_html(report()).splitlines()) > 998
+    message = email.message_from_bytes(mail)
+    assert message["To"] == "postmaster"
+    assert message.get_content_type() == "text/html"
+    assert message["Content-Transfer-Encoding"] == "base64"
+    body = message.get_payload(decode=True).decode("utf-8")
     assert body.startswith("<!DOCTYPE html>") and "sends bounces" in body
     assert json.loads((tmp_path / "cursor.json").read_text())["hosts"]["relay1"]
+
+
+# -- hostile values in every format, and memory bounded whatever the input --------------
+
+
+def flow_from(sender: str) -> dl.Logged:
+    base = next(i for i in dl.traffic(days=1) if i.record.action == "would-reject")
+    return dl.Logged(base.time, base.record._replace(sender=sender))
+
+
+FORMULAS = ["-2+3+cmd|'/c calc'!a0", '=HYPERLINK("x")', "+1", "@SUM(A1)", "\tx", "\rx"]
+
+
+def test_no_csv_cell_can_start_a_formula() -> None:
+    rows = list(csv.reader(io.StringIO(as_csv(report([flow_from(f"a@{f}") for f in FORMULAS])))))
+    cells = [cell for row in rows[1:] for cell in row]
+    assert not any(cell.startswith(("=", "+", "-", "@", "\t", "\r")) for cell in cells)
+    domains = {row[COLUMNS.index("sender_domain")] for row in rows[1:]}
+    assert "'-2+3+cmd|'/c calc'!a0" in domains and "'+1" in domains
+    counts = [row[COLUMNS.index("count")] for row in rows[1:]]
+    assert all(count.isdigit() for count in counts)  # numbers stay numbers
+
+
+@pytest.mark.parametrize("character", ["\u202e", "\u2066", "\u2067", "\u2068", "\u2069", "\u200b"])
+def test_invisible_and_bidirectional_characters_show_in_every_format(character: str) -> None:
+    rep = report([flow_from(f"a@{character}gro.osotnoc")])
+    escaped = f"\\u{ord(character):04x}gro.osotnoc"
+    for render in (as_text, as_csv, as_html):
+        out = render(rep)
+        assert character not in out, render.__name__
+        assert escaped in out, render.__name__
+    assert character not in as_json(rep) and escaped in as_json(rep)  # JSON's own escape
+
+
+def test_memory_is_bounded_and_the_big_groups_stay_exact() -> None:
+    heavy = [flow_from(f"bounce@heavy{n}.example.com") for n in range(3)]
+    logged: List[dl.Logged] = []
+    for n in range(20_100):  # over 20,000 sender domains of one record each
+        logged.append(flow_from(f"a@s{n}.example.net"))
+        if n % 10 == 0:
+            logged.append(heavy[n % 3])
+    logged.extend([flow_from("late@example.org")] * 50)
+    aggregator = Aggregator(max_groups=100)
+    largest = 0
+    for entry in entries(logged):
+        aggregator.add(entry)
+        largest = max(largest, len(aggregator.groups))
+    assert largest <= 200
+    rows = group_rows(aggregator, lambda key, group: "", top=5)
+    counts = {row["sender_domain"]: (row["count"], row["count_error"]) for row in rows[:-1]}
+    # Kept from their first record: exact.
+    for n in range(3):
+        assert counts[f"heavy{n}.example.com"] == (sum(r is heavy[n] for r in logged), 0)
+    # Opened after groups were let go: the count shown, and what it may miss.
+    count, error = counts["example.org"]
+    assert count <= 50 <= count + error and error > 0
+    other = rows[-1]
+    assert other["sender_domain"] is None and "let go to bound memory" in other["remedy"]
+    assert sum(row["count"] for row in rows) == len(logged)
+    text = as_text(build_report(entries(logged), dl.config(), top=5))
+    assert "memory bound:" in text  # over 2 x 10,000 groups
+    assert re.search(r"^50\+1 +would-reject .* example\.org ", text, re.MULTILINE)

@@ -25,7 +25,7 @@ from .sink import Sink
 from .targets import Target
 from .util import read_from, size
 
-TARGETS = ["postfix-unix", "postfix-inet", "sendmail"]
+TARGETS = ["postfix-unix", "postfix-inet", "sendmail-unix", "sendmail-inet"]
 
 
 @pytest.fixture(scope="session")
@@ -66,7 +66,19 @@ def postfix(e2e_dir: Path, pki: Pki, sink: Sink) -> Iterator[PostfixInstance]:
 
 @pytest.fixture(scope="session")
 def sendmail(e2e_dir: Path, pki: Pki, sink: Sink) -> Iterator[SendmailInstance]:
+    """Sendmail with the snippet as shipped: the milter on a unix socket."""
     instance = SendmailInstance(e2e_dir / "sendmail", pki, sink.port)
+    try:
+        instance.start()
+        yield instance
+    finally:
+        instance.close()
+
+
+@pytest.fixture(scope="session")
+def sendmail_inet(e2e_dir: Path, pki: Pki, sink: Sink) -> Iterator[SendmailInstance]:
+    """Sendmail with the snippet's TCP alternative."""
+    instance = SendmailInstance(e2e_dir / "sendmail-inet", pki, sink.port, milter_socket="inet")
     try:
         instance.start()
         yield instance
@@ -90,8 +102,9 @@ def _make_target(name: str, request: pytest.FixtureRequest, e2e_dir: Path) -> Ta
     sink: Sink = request.getfixturevalue("sink")
     pki: Pki = request.getfixturevalue("pki")
     workdir = e2e_dir / "relaymilter"
-    if name == "sendmail":
-        sm: SendmailInstance = request.getfixturevalue("sendmail")
+    if name.startswith("sendmail"):
+        fixture = "sendmail" if name == "sendmail-unix" else "sendmail_inet"
+        sm: SendmailInstance = request.getfixturevalue(fixture)
         milter = RelayMilterProcess(name, workdir, sm.milter_spec)
         port, log = sm.port, sm.log
     else:

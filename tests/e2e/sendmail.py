@@ -49,7 +49,7 @@ from .util import (
 
 REPO = Path(__file__).resolve().parents[2]
 SNIPPET = REPO / "etc" / "sendmail" / "relaymilter.mc"
-SNIPPET_SOCKET = "S=inet:8894@127.0.0.1"
+SNIPPET_SOCKET = "S=local:/run/relaymilter/relaymilter.sock"
 PACKAGES = ("sendmail-bin", "sendmail-base", "sendmail-cf", "libwrap0", "m4")
 HOSTNAME = "sendmail.e2e.test"
 #: One of Sendmail's local names ($=w), under contoso.com.
@@ -105,11 +105,12 @@ def _unpack(cache: Path) -> Path:
     return root
 
 
-def render_snippet(milter_port: int) -> str:
+def render_snippet(socket_equate: str) -> str:
+    """The shipped snippet with its socket replaced (``S=local:PATH`` or ``S=inet:PORT@HOST``)."""
     text = SNIPPET.read_text()
     if SNIPPET_SOCKET not in text:
         raise HarnessError(f"{SNIPPET} no longer contains {SNIPPET_SOCKET!r}; update the harness")
-    return text.replace(SNIPPET_SOCKET, f"S=inet:{milter_port}@127.0.0.1")
+    return text.replace(SNIPPET_SOCKET, socket_equate)
 
 
 MC = """\
@@ -151,7 +152,9 @@ define(`MAIL_HUB', `esmtp:[127.0.0.1]')dnl
 define(`ESMTP_MAILER_ARGS', `TCP $h {sink_port}')dnl
 define(`SMTP_MAILER_ARGS', `TCP $h {sink_port}')dnl
 define(`RELAY_MAILER_ARGS', `TCP $h {sink_port}')dnl
-DAEMON_OPTIONS(`Port={port}, Addr=127.0.0.1, Family=inet, Name=MTA-e2e')dnl
+dnl Listen=: a queue of 256 connections (10 by default); more concurrent clients
+dnl than that would wait a second each, a SYN retransmission (the benchmark's 20).
+DAEMON_OPTIONS(`Port={port}, Addr=127.0.0.1, Family=inet, Name=MTA-e2e, Listen=256')dnl
 dnl The MTA's own relay rule: all of 127/8 may relay (only 127.0.0.1 by default),
 dnl so relaymilter's decision is the only thing between a client and the sink.
 RELAY_DOMAIN(`127')dnl
@@ -160,7 +163,7 @@ define(`confCACERT_PATH', `{cacerts}')dnl
 define(`confCACERT', `{ca_bundle}')dnl
 define(`confSERVER_CERT', `{server_cert}')dnl
 define(`confSERVER_KEY', `{server_key}')dnl
-dnl ---- etc/sendmail/relaymilter.mc, as shipped (milter port substituted) ----
+dnl ---- etc/sendmail/relaymilter.mc, as shipped (milter socket substituted) ----
 {snippet}
 MAILER(`smtp')dnl
 """
@@ -217,10 +220,19 @@ class SyslogReceiver:
 
 class SendmailInstance:
     def __init__(
-        self, base: Path, pki: Pki, sink_port: int, edit_snippet: Callable[[str], str] = str
+        self,
+        base: Path,
+        pki: Pki,
+        sink_port: int,
+        edit_snippet: Callable[[str], str] = str,
+        milter_socket: str = "unix",
     ) -> None:
-        """``edit_snippet`` alters the shipped snippet (only to show what it prevents)."""
+        """``edit_snippet`` alters the shipped snippet (only to show what it prevents).
+
+        ``milter_socket``: "unix", as the snippet ships, or "inet".
+        """
         self.edit_snippet = edit_snippet
+        self.milter_socket = milter_socket
         self.base = base
         self.run = base / "run"
         self.pki = pki
@@ -234,7 +246,17 @@ class SendmailInstance:
 
     @property
     def milter_spec(self) -> str:
+        """The socket relaymilter listens on for this Sendmail."""
+        if self.milter_socket == "unix":
+            return f"unix:{self.run / 'relaymilter.sock'}"
         return f"inet:{self.milter_port}@127.0.0.1"
+
+    @property
+    def socket_equate(self) -> str:
+        """The snippet's S= for this Sendmail."""
+        if self.milter_socket == "unix":
+            return f"S=local:{self.run / 'relaymilter.sock'}"
+        return f"S=inet:{self.milter_port}@127.0.0.1"
 
     def _prepare(self) -> None:
         self.run.mkdir(parents=True, exist_ok=True)
@@ -277,7 +299,7 @@ class SendmailInstance:
             ca_bundle=self.pki.ca_bundle,
             server_cert=self.pki.server.cert,
             server_key=self.pki.server.key,
-            snippet=self.edit_snippet(render_snippet(self.milter_port)),
+            snippet=self.edit_snippet(render_snippet(self.socket_equate)),
         )
         (self.run / "e2e.mc").write_text(mc)
         cfdir = self.root / "usr/share/sendmail/cf"

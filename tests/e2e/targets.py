@@ -3,7 +3,8 @@
 Targets:
   * ``postfix-unix``: Postfix, chrooted smtpd, milter on the snippet's unix socket;
   * ``postfix-inet``: Postfix, smtpd not chrooted, milter on an inet socket;
-  * ``sendmail``:     Sendmail 8.17, milter on an inet socket.
+  * ``sendmail-unix``: Sendmail, milter on the snippet's unix socket (S=local:);
+  * ``sendmail-inet``: Sendmail, milter on an inet socket.
 
 ``Target.run`` sends one transaction and collects everything a test asserts
 on: the SMTP replies, relaymilter's decision lines, and what the MTA relayed

@@ -32,7 +32,9 @@ def without_f_t(snippet: str) -> str:
 
 @pytest.fixture(scope="module")
 def sendmail_without_f_t(e2e_dir: Path, pki: Pki, sink: Sink) -> Iterator[SendmailInstance]:
-    instance = SendmailInstance(e2e_dir / "sendmail-no-F-T", pki, sink.port, without_f_t)
+    instance = SendmailInstance(
+        e2e_dir / "sendmail-no-F-T", pki, sink.port, without_f_t, milter_socket="inet"
+    )
     try:
         instance.start()
         yield instance

@@ -56,12 +56,17 @@ def test_postfix_unix_listener_is_chrooted_and_uses_the_snippet_alternative(
     assert f"127.0.0.1:{postfix.ports.inet}/inet/smtpd_milters" not in overrides
 
 
-def test_sendmail_cf_holds_the_snippet(sendmail: SendmailInstance) -> None:
+def test_sendmail_cf_holds_the_snippet(
+    sendmail: SendmailInstance, sendmail_inet: SendmailInstance
+) -> None:
     mc = (sendmail.run / "e2e.mc").read_text()
-    for line in sm.render_snippet(sendmail.milter_port).splitlines():
+    for line in sm.render_snippet(sendmail.socket_equate).splitlines():
         assert line in mc.splitlines(), line
     cf = (sendmail.run / "sendmail.cf").read_text().splitlines()
-    assert f"Xrelaymilter, S=inet:{sendmail.milter_port}@127.0.0.1, F=T" in cf
+    # As shipped: a unix socket (S=local:), only its path replaced.
+    assert f"Xrelaymilter, S=local:{sendmail.run / 'relaymilter.sock'}, F=T" in cf
+    inet = (sendmail_inet.run / "sendmail.cf").read_text().splitlines()
+    assert f"Xrelaymilter, S=inet:{sendmail_inet.milter_port}@127.0.0.1, F=T" in inet
     assert "O InputMailFilters=relaymilter" in cf
     assert "O CertFingerprintAlgorithm=sha256" in cf
 

@@ -18,6 +18,7 @@ from ldap.controls import SimplePagedResultsControl
 from relaymilter.core.sourcesettings import (
     AD_ACCEPTED_DOMAIN_ATTRIBUTE,
     AD_ACCEPTED_DOMAIN_FILTER,
+    AD_ACCEPTED_DOMAIN_FLAGS_ATTRIBUTE,
     PRESET_ACTIVE_DIRECTORY,
     LdapConnectorMapping,
     LdapDomainMapping,
@@ -178,6 +179,7 @@ def ad_source(server: Slapd, password_file: Optional[str], **changes: Any) -> Ld
         accepted_domains=LdapDomainMapping(
             filter=AD_ACCEPTED_DOMAIN_FILTER,
             domain_attribute=AD_ACCEPTED_DOMAIN_ATTRIBUTE,
+            flags_attribute=AD_ACCEPTED_DOMAIN_FLAGS_ATTRIBUTE,
             organization="Contoso",
         ),
         connectors=None,

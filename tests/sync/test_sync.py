@@ -432,6 +432,17 @@ def test_a_concurrent_sync_stops_at_once(site: Path) -> None:
     assert cli(site).returncode == 0
 
 
+def test_the_lock_is_never_taken_through_a_link(site: Path, tmp_path: Path) -> None:
+    # As root, "open(lock, 'a')" would create or append to any file a link names.
+    target = tmp_path / "elsewhere"
+    (site / "status.json.lock").symlink_to(target)
+    result = cli(site)
+    assert result.returncode == sync.EXIT_FAILED
+    assert "Too many levels of symbolic links" in result.stderr
+    assert not target.exists()
+    assert not (site / "relaymilter.snapshot.yml").exists()
+
+
 def test_no_sources_section_is_a_config_error(tmp_path: Path) -> None:
     (tmp_path / "relaymilter.yml").write_text(CONFIG.split("sources:")[0])
     result = run_cli("sync", "-c", str(tmp_path / "relaymilter.yml"))

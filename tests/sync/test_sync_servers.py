@@ -17,7 +17,7 @@ import pytest
 
 from relaymilter.config import load_config
 
-from ..ldapserver import READER_DN, READER_PASSWORD, Slapd, add_accepted_domains
+from ..ldapserver import READER_DN, READER_PASSWORD, Slapd, add_accepted_domains, add_entries
 from ..pgserver import PostgresServer
 from ..support import relaymilter_command, run_cli
 
@@ -115,6 +115,31 @@ def test_active_directory_gives_the_domains_a_connector_of_the_file_needs(
     assert "changed Contoso: 2 domains added (contoso.com, *.contoso.net)" in result.stdout
     contoso = load_config(str(config)).organizations[0]
     assert contoso.accepts("mail.contoso.net") and contoso.connectors[0].name == "hybrid"
+
+
+def test_an_x400_domain_is_skipped_and_match_subdomains_is_honoured(
+    slapd: Slapd, tmp_path: Path
+) -> None:
+    # Organizations migrated from older Exchange versions often keep an X.400
+    # authoritative domain (flag 16); it once failed every sync ("not a valid domain
+    # name"). Flag 65536 is Exchange's MatchSubDomains.
+    parent = "OU=legacy,dc=contoso,dc=com"
+    add_entries(slapd, [(parent, {"objectClass": ["organizationalUnit"], "ou": ["legacy"]})])
+    add_accepted_domains(slapd, ["contoso.com"], parent)
+    add_accepted_domains(slapd, ["C=US;A= ;P=Contoso;O=Exchange;"], parent, flags=16)
+    add_accepted_domains(slapd, ["contoso.net"], parent, flags=65536 | 1)
+    config = write_config(tmp_path, ldap=ldap_source(slapd, tmp_path, base=parent))
+    result = sync(config)
+    assert result.returncode == 0, result.stderr
+    note = "skipped the X.400 accepted domain 'C=US;A= ;P=Contoso;O=Exchange;'"
+    assert f"ldap 'ad': {note}" in result.stdout
+    assert "not an SMTP domain" in result.stdout
+    assert "changed Contoso: 2 domains added (contoso.com, *.contoso.net)" in result.stdout
+    contoso = load_config(str(config)).organizations[0]
+    assert contoso.accepts("mail.contoso.net") and not contoso.accepts("mail.contoso.com")
+    (noted,) = status(config)["sources"]["ad"]["notes"]
+    assert note in noted and ",ou=legacy,dc=contoso,dc=com)" in noted  # its DN, as slapd gives it
+    assert note in run_cli("sync", "-c", str(config), "--status").stdout
 
 
 def test_a_directory_down_at_the_first_sync(slapd: Slapd, tmp_path: Path) -> None:

@@ -49,6 +49,8 @@ class SourceResult:
     records: int
     #: Which server answered, or which files were read, for the status.
     detail: str = ""
+    #: What was read and deliberately left out (an X.400 domain), one line each.
+    notes: List[str] = field(default_factory=list)
 
 
 class OrganizationCollector:
@@ -56,6 +58,7 @@ class OrganizationCollector:
 
     def __init__(self) -> None:
         self._organizations: Dict[str, SourceOrganization] = {}
+        self.notes: List[str] = []
 
     def organization(self, name: str, origin: str) -> SourceOrganization:
         found = self._organizations.get(name)
@@ -70,7 +73,7 @@ class OrganizationCollector:
         self.organization(organization, origin).connectors.append(SourceItem(value, origin))
 
     def result(self, records: int, detail: str = "") -> SourceResult:
-        return SourceResult(list(self._organizations.values()), records, detail)
+        return SourceResult(list(self._organizations.values()), records, detail, self.notes)
 
 
 def domain_item(text: str, match_subdomains: bool = False) -> Union[str, Dict[str, Any]]:

@@ -20,7 +20,13 @@ from dataclasses import dataclass
 from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
 from urllib.parse import urlsplit
 
-from ...core.sourcesettings import LdapConnectorMapping, LdapDomainMapping, LdapSource
+from ...core.sourcesettings import (
+    AD_FLAG_MATCH_SUBDOMAINS,
+    AD_FLAG_X400,
+    LdapConnectorMapping,
+    LdapDomainMapping,
+    LdapSource,
+)
 from . import OrganizationCollector, SourceError, SourceResult, domain_item, read_secret
 
 #: An entry with its attribute names lower-cased: AD answers in its own casing.
@@ -297,13 +303,37 @@ class DirectoryReader:
         self, mapping: LdapDomainMapping, base: str, collector: OrganizationCollector
     ) -> int:
         records = 0
-        for dn, entry in self._entries(mapping, base, [mapping.domain_attribute]):
+        attributes = [mapping.domain_attribute]
+        if mapping.flags_attribute is not None:
+            attributes.append(mapping.flags_attribute)
+        for dn, entry in self._entries(mapping, base, attributes):
             origin = self._origin(dn)
             organization = self._organization(mapping, dn, entry)
-            for value in self._values(dn, entry, mapping.domain_attribute, required=True):
-                collector.add_domain(organization, domain_item(value), origin)
+            flags = self._flags(mapping, dn, entry)
+            values = self._values(dn, entry, mapping.domain_attribute, required=True)
             records += 1
+            if flags & AD_FLAG_X400:
+                # An X.400 address space (C=US;A= ;P=Contoso;O=Exchange;), left from
+                # older Exchange versions: no SMTP domain, nothing to accept.
+                collector.notes.append(
+                    f"skipped the X.400 accepted domain {', '.join(map(repr, values))} "
+                    f"({self._origin(dn)}): not an SMTP domain"
+                )
+                continue
+            subdomains = bool(flags & AD_FLAG_MATCH_SUBDOMAINS)
+            for value in values:
+                collector.add_domain(organization, domain_item(value, subdomains), origin)
         return records
+
+    def _flags(self, mapping: LdapDomainMapping, dn: str, entry: Attributes) -> int:
+        """Exchange's msExchAcceptedDomainFlags of an entry (0 when it has none)."""
+        if mapping.flags_attribute is None or mapping.flags_attribute.lower() not in entry:
+            return 0
+        text = self._single(dn, entry, mapping.flags_attribute)
+        try:
+            return int(text)
+        except ValueError:
+            raise self._error(dn, f"{mapping.flags_attribute} is {text!r}, not a number") from None
 
     def read_connectors(
         self, mapping: LdapConnectorMapping, base: str, collector: OrganizationCollector
