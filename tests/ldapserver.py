@@ -3,7 +3,8 @@
 Built on python-ldap's ``slapdtest``. slapd is never installed on the test
 machine: scripts/bootstrap unpacks Debian's slapd package into
 /var/cache/relaymilter-test-tools/slapd, and this runs it from there (its
-modules, schema and the libslapi it links against included). The server
+modules, schema and the libslapi it links against included); on a machine
+with slapd installed, the installed one. The server
 listens on loopback only: ldap:// (with StartTLS), ldaps:// and ldapi://, with
 a certificate from a test CA made here; ``other_ca_file`` is an unrelated CA
 for the mismatch tests.
@@ -40,7 +41,18 @@ try:
 except ImportError as exc:  # pragma: no cover - bootstrap installs python3-ldap
     raise ImportError(f"{exc}: the LDAP tests need python3-ldap (run scripts/bootstrap)") from exc
 
-TOOLS = Path("/var/cache/relaymilter-test-tools/slapd")
+#: Where Debian's slapd package is: unpacked by scripts/bootstrap, or installed.
+SLAPD_ROOTS = (Path("/var/cache/relaymilter-test-tools/slapd"), Path("/"))
+
+
+def _slapd_root() -> Path:
+    for root in SLAPD_ROOTS:
+        if os.access(root / "usr/sbin/slapd", os.X_OK):
+            return root
+    return SLAPD_ROOTS[0]
+
+
+TOOLS = _slapd_root()
 SLAPD = TOOLS / "usr/sbin/slapd"
 DATA = Path(__file__).resolve().parent / "data" / "ldap"
 
@@ -62,8 +74,9 @@ def require_slapd() -> None:
     """Fail (never skip: CI always has it) when bootstrap has not unpacked slapd."""
     if not os.access(SLAPD, os.X_OK):
         pytest.fail(
-            f"{SLAPD} is missing: run scripts/bootstrap, which unpacks Debian's slapd "
-            "package there for the LDAP tests (without installing it)",
+            f"no slapd in {' or '.join(str(root / 'usr/sbin') for root in SLAPD_ROOTS)}:"
+            " run scripts/bootstrap, which unpacks Debian's slapd package for the LDAP tests"
+            " (without installing it)",
             pytrace=False,
         )
 
@@ -144,7 +157,7 @@ def add_entries(
 
 
 class Slapd(slapdtest.SlapdObject):  # type: ignore[misc]
-    """slapd from the bootstrap's unpacked package, on loopback, with TLS and the tree above."""
+    """Debian's slapd (unpacked or installed), on loopback, with TLS and the tree above."""
 
     suffix = SUFFIX
     root_cn = "Manager"
@@ -180,13 +193,14 @@ class Slapd(slapdtest.SlapdObject):  # type: ignore[misc]
 
     def _find_commands(self) -> None:
         super()._find_commands()
-        # The bootstrap's copy, whatever $SLAPD says.
+        # Debian's package's, whatever $SLAPD says.
         self.PATH_SLAPD = str(SLAPD)
         self.PATH_SLAPADD = str(TOOLS / "usr/sbin/slapadd")
 
     def _env(self) -> Dict[str, str]:
-        # The unpacked slapd links against the package's own libslapi.
-        library = str(next(TOOLS.glob("usr/lib/*/libslapi-*.so.0")).parent)
+        # slapd links against its package's own libslapi: libslapi-2.5.so.0
+        # in Debian 12, libslapi.so.2 in Debian 13.
+        library = str(next(TOOLS.glob("usr/lib/*/libslapi*.so.*")).parent)
         existing = os.environ.get("LD_LIBRARY_PATH")
         return {**os.environ, "LD_LIBRARY_PATH": f"{library}:{existing}" if existing else library}
 

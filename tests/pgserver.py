@@ -1,4 +1,8 @@
-"""A throwaway PostgreSQL 15 server for the sync tests: ``initdb`` and ``pg_ctl`` in a temporary directory.
+"""A throwaway PostgreSQL server for the sync tests: ``initdb`` and ``pg_ctl`` in a temporary directory.
+
+The newest PostgreSQL found is used: an installed one (Debian's
+/usr/lib/postgresql/VERSION/bin), else the one scripts/bootstrap unpacks
+into the cache (15 on Debian 12, 17 on Debian 13).
 
 The server runs as ``nobody`` (initdb refuses root), listens on 127.0.0.1 on a
 free port with TLS, and on a unix socket in its directory. Over TCP only the
@@ -24,10 +28,8 @@ import psycopg
 from .serverpki import CertificateAuthority
 from .support import REPO, free_port
 
-BIN_DIRS = (
-    "/usr/lib/postgresql/15/bin",
-    "/var/cache/relaymilter-test-tools/postgresql/usr/lib/postgresql/15/bin",
-)
+#: Where Debian's postgresql-VERSION packages are, installed or unpacked.
+INSTALL_ROOTS = (Path("/"), Path("/var/cache/relaymilter-test-tools/postgresql"))
 SCHEMA_FILE = REPO / "etc" / "relaymilter" / "postgresql-schema.sql"
 ROLE = "relaymilter"
 PASSWORD = "s3cret-Pg!pass"
@@ -58,14 +60,20 @@ host all {ROLE} 127.0.0.1/32 scram-sha-256
 
 
 def bin_dir() -> Path:
-    for candidate in BIN_DIRS:
-        if os.access(os.path.join(candidate, "initdb"), os.X_OK):
-            return Path(candidate)
-    raise AssertionError(
-        "no PostgreSQL 15 binaries (initdb, pg_ctl) in "
-        + " or ".join(BIN_DIRS)
-        + ": run scripts/bootstrap"
-    )
+    """The bin directory of the newest PostgreSQL installed or unpacked."""
+    found = [
+        directory
+        for root in INSTALL_ROOTS
+        for directory in root.glob("usr/lib/postgresql/*/bin")
+        if os.access(directory / "initdb", os.X_OK) and directory.parent.name.isdigit()
+    ]
+    if not found:
+        places = " or ".join(str(root / "usr/lib/postgresql/VERSION/bin") for root in INSTALL_ROOTS)
+        raise AssertionError(
+            f"no PostgreSQL server binaries (initdb, pg_ctl) in {places}: run scripts/bootstrap,"
+            " which unpacks Debian's postgresql-VERSION package without installing it"
+        )
+    return max(found, key=lambda directory: int(directory.parent.name))
 
 
 def _clean_env() -> Dict[str, str]:

@@ -53,7 +53,15 @@ def readable_copy(directory: Path) -> Tuple[str, Path]:
     )
     for path in [copy, *copy.rglob("*")]:
         os.chmod(path, 0o755 if path.is_dir() else 0o644)
+    # A virtualenv others may enter has the libraries (the floor test's);
+    # otherwise the system's interpreter has them, from Debian's packages.
+    if _others_may_enter(Path(sys.prefix)):
+        return sys.executable, copy
     return os.path.realpath(sys.executable), copy
+
+
+def _others_may_enter(directory: Path) -> bool:
+    return all(os.stat(path).st_mode & 0o001 for path in [directory, *directory.parents])
 
 
 def readable_relaymilter_command(directory: Path) -> List[str]:

@@ -547,10 +547,14 @@ DASHBOARD = REPO / "etc" / "grafana" / "relaymilter.json"
 
 
 def promtool(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    # scripts/bootstrap unpacks Debian's prometheus package there, without installing it.
-    unpacked = Path("/var/cache/relaymilter-test-tools/prometheus/usr/bin/promtool")
+    # scripts/bootstrap unpacks Debian's promtool package there (Debian 13; in
+    # Debian 12 promtool comes with prometheus), without installing it.
+    unpacked = Path("/var/cache/relaymilter-test-tools/promtool/usr/bin/promtool")
     found = str(unpacked) if unpacked.is_file() else shutil.which("promtool")
-    assert found, "promtool is missing: scripts/bootstrap unpacks it"
+    assert found, (
+        f"promtool is missing from {unpacked} and PATH: scripts/bootstrap unpacks Debian's"
+        " promtool (Debian 13) or prometheus (Debian 12) package there"
+    )
     return subprocess.run(
         [found, *args], capture_output=True, text=True, timeout=120, cwd=cwd, check=False
     )
@@ -608,6 +612,7 @@ def dashboard_queries() -> List[str]:
     return queries
 
 
+@pytest.mark.tools
 def test_alert_rules_pass_promtool() -> None:
     checked = promtool("check", "rules", RULES.name, cwd=RULES.parent)
     assert checked.returncode == 0, checked.stdout + checked.stderr
@@ -634,6 +639,7 @@ def yaml_load(path: Path) -> dict:
     return loaded
 
 
+@pytest.mark.tools
 def test_dashboard_has_the_panels_and_valid_queries(tmp_path: Path) -> None:
     dashboard = json.loads(DASHBOARD.read_text())
     titles = {panel["title"] for panel in dashboard["panels"]}
@@ -695,6 +701,7 @@ def test_rules_and_dashboard_name_only_metrics_that_exist(tmp_path: Path) -> Non
 # -- through a private Postfix --------------------------------------------------------
 
 
+@pytest.mark.tools
 def test_benchmark_counts_every_decision_through_postfix(tmp_path: Path) -> None:
     """The throughput benchmark's metrics listener, in a tiny run: Postfix, smtp-source and
     relaymilter with metrics on; its counters equal the recipients Postfix had judged."""

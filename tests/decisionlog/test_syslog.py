@@ -25,6 +25,8 @@ from relaymilter.decisionlog.report import build_report
 from ..scenarios import CONFIG
 from ..syslogd import Rsyslogd
 
+pytestmark = pytest.mark.tools
+
 HOSTILE_RECIPIENTS = [
     "<kate@tailspintoys.com>",
     "<" + "\\" * 2000 + '" action=continue reason=internal-recipient"@tailspintoys.com>',

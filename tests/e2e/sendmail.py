@@ -17,8 +17,12 @@ written. What it takes, each learnt the hard way (see
 * sendmail only logs to syslog: the namespace gets a private /dev whose
   /dev/log is a datagram socket this module reads into a log file.
 
-The shipped snippet etc/sendmail/relaymilter.mc goes into the .mc unchanged
-but for the milter's port.
+STARTTLS starts from Debian's stock setup, as docs/sendmail.md describes it:
+the .mc includes the starttls.m4 that Debian's ``update_tlsm4`` generates (its
+``confTLS_SRV_OPTIONS`` ``V`` included), then the admin's edits after that
+include (the test PKI's server certificate and CAs), then the shipped snippet
+etc/sendmail/relaymilter.mc, unchanged but for the milter's socket: its last
+line is what makes Sendmail ask clients for a certificate again.
 """
 
 from __future__ import annotations
@@ -113,6 +117,55 @@ def render_snippet(socket_equate: str) -> str:
     return text.replace(SNIPPET_SOCKET, socket_equate)
 
 
+#: What the generated starttls.m4 includes from Debian's /usr/share/sendmail/.
+DEBIAN_INCLUDE = "include(`/usr/share/sendmail/"
+
+
+def debian_starttls(root: Path, workdir: Path) -> Path:
+    """Debian's stock starttls.m4, made in ``workdir``; the relocated one's path.
+
+    ``update_tlsm4`` (run by ``sendmailconfig``) writes /etc/mail/tls/starttls.m4
+    from /etc/mail/databases, which ``parse_mc`` makes from /etc/mail/sendmail.mc.
+    Debian's stock sendmail.mc defines none of the TLS settings, so every value
+    is update_tlsm4's default. Here it reads an empty database of our own (a
+    missing one it would make from the host's /etc/mail/sendmail.mc, if any)
+    and writes ``starttls.m4.generated``, never /etc/mail. ``starttls.m4`` is
+    that file with one change: its include of Debian's autoconf.m4 points into
+    the unpacked ``root``.
+    """
+    share = root / "usr/share/sendmail"
+    workdir.mkdir(parents=True, exist_ok=True)
+    database = workdir / "databases"
+    database.write_text("")
+    generated = workdir / "starttls.m4.generated"
+    cmd = ["perl", f"-I{share}", str(share / "update_tlsm4"), "-o", str(generated)]
+    result = subprocess.run(
+        [*cmd, "-i", str(database)], cwd=workdir, capture_output=True, text=True
+    )
+    if result.returncode != 0 or result.stderr.strip() or not generated.exists():
+        raise HarnessError(f"update_tlsm4 failed:\n{result.stdout}{result.stderr}")
+    text = generated.read_text()
+    if text.count(DEBIAN_INCLUDE) != 1:
+        raise HarnessError(f"{generated}: not one {DEBIAN_INCLUDE!r}; update the harness")
+    relocated = workdir / "starttls.m4"
+    relocated.write_text(text.replace(DEBIAN_INCLUDE, f"include(`{share}/"))
+    return relocated
+
+
+def build_cf(root: Path, mc: Path) -> str:
+    """sendmail.cf from the .mc file ``mc``, with the unpacked root's m4 and cf files."""
+    cfdir = root / "usr/share/sendmail/cf"
+    result = subprocess.run(
+        [str(root / "usr/bin/m4"), f"-D_CF_DIR_={cfdir}/", f"{cfdir}/m4/cf.m4", mc.name],
+        cwd=mc.parent,
+        capture_output=True,
+        text=True,
+    )
+    if result.returncode != 0 or result.stderr.strip():
+        raise HarnessError(f"m4 failed building sendmail.cf from {mc}:\n{result.stderr}")
+    return result.stdout
+
+
 MC = """\
 divert(-1)dnl
 Private Sendmail for relaymilter's end-to-end tests (generated).
@@ -158,11 +211,24 @@ DAEMON_OPTIONS(`Port={port}, Addr=127.0.0.1, Family=inet, Name=MTA-e2e, Listen=2
 dnl The MTA's own relay rule: all of 127/8 may relay (only 127.0.0.1 by default),
 dnl so relaymilter's decision is the only thing between a client and the sink.
 RELAY_DOMAIN(`127')dnl
-dnl STARTTLS: both test CAs are trusted; the server asks every client for a certificate.
-define(`confCACERT_PATH', `{cacerts}')dnl
-define(`confCACERT', `{ca_bundle}')dnl
+dnl ---- STARTTLS: Debian's stock setup ----
+dnl sm_version, sm_version_math, sm_enable_tls and the like, which starttls.m4
+dnl tests: Debian's stock sendmail.mc gets them from cf/debian/autoconf.m4, through
+dnl OSTYPE(`debian'). Without them starttls.m4's whole TLS block silently vanishes.
+include(`{root}/usr/share/sendmail/cf/debian/autoconf.m4')dnl
+dnl The starttls.m4 that Debian's update_tlsm4 generates (/etc/mail/tls/starttls.m4
+dnl on Debian), its include of autoconf.m4 moved to the unpacked root.
+include(`{starttls}')dnl
+dnl ---- the admin's edits after that include (docs/sendmail.md) ----
+dnl The test PKI's server certificate; both test CAs are trusted.
 define(`confSERVER_CERT', `{server_cert}')dnl
 define(`confSERVER_KEY', `{server_key}')dnl
+define(`confCACERT', `{ca_bundle}')dnl
+define(`confCACERT_PATH', `{cacerts}')dnl
+dnl Left as generated, though absent here: the DH parameters (Sendmail logs "unsafe: No
+dnl such file or directory" and uses its own) and the client certificate and key (used
+dnl only for STARTTLS as a client, which the sink does not offer). confCRL is undefined.
+dnl No confTLS_SRV_OPTIONS here: the snippet's line must undo starttls.m4's `V'.
 dnl ---- etc/sendmail/relaymilter.mc, as shipped (milter socket substituted) ----
 {snippet}
 MAILER(`smtp')dnl
@@ -288,6 +354,7 @@ class SendmailInstance:
         subprocess.run(["openssl", "rehash", str(cacerts)], check=True, capture_output=True)
 
     def _build_cf(self) -> None:
+        starttls = debian_starttls(self.root, self.run / "tls")
         mc = MC.format(
             hostname=HOSTNAME,
             local_name=LOCAL_NAME,
@@ -299,19 +366,11 @@ class SendmailInstance:
             ca_bundle=self.pki.ca_bundle,
             server_cert=self.pki.server.cert,
             server_key=self.pki.server.key,
+            starttls=starttls,
             snippet=self.edit_snippet(render_snippet(self.socket_equate)),
         )
         (self.run / "e2e.mc").write_text(mc)
-        cfdir = self.root / "usr/share/sendmail/cf"
-        result = subprocess.run(
-            [str(self.root / "usr/bin/m4"), f"-D_CF_DIR_={cfdir}/", f"{cfdir}/m4/cf.m4", "e2e.mc"],
-            cwd=self.run,
-            capture_output=True,
-            text=True,
-        )
-        if result.returncode != 0 or result.stderr.strip():
-            raise HarnessError(f"m4 failed building sendmail.cf:\n{result.stderr}")
-        (self.run / "sendmail.cf").write_text(result.stdout)
+        (self.run / "sendmail.cf").write_text(build_cf(self.root, self.run / "e2e.mc"))
 
     def start(self) -> None:
         self.root = unpacked_root()

@@ -1,13 +1,14 @@
-"""Fixtures for the packaging tests: the .deb and .rpm, built once per session, and a guest.
+"""Fixtures for the packaging tests: the .deb and .rpm, built once per session, and guests.
 
 The builds run packaging/build-deb and packaging/build-rpm, which fail unless
 lintian and rpmlint are clean, into a temporary dist directory (the
 checkout's dist/ is left alone).
 
 Nothing is ever installed on this machine. The .deb is installed, run,
-upgraded and purged only in ``guest``: a throwaway Debian 12 container with a
-real systemd as PID 1 (container.py), booted once for the packaging tests and
-removed after them.
+upgraded and purged only in ``guest``: a throwaway container of each Debian
+release in ``container.RELEASES`` (12 and 13), each with its own systemd as
+PID 1 (container.py). Every test that uses a guest runs once per release;
+each guest is booted once and removed after its tests.
 """
 
 from __future__ import annotations
@@ -112,8 +113,9 @@ APT_INSTALL = [
 ]
 
 
-# What the guest cost, for the terminal summary (the container part must stay short).
-GUEST_TIMES: Dict[str, float] = {}
+# What each release's guest cost, for the terminal summary (the container part must
+# stay short).
+GUEST_TIMES: Dict[str, Dict[str, float]] = {}
 
 
 def _interrupt(signum: int, frame: Optional[FrameType]) -> None:
@@ -121,22 +123,37 @@ def _interrupt(signum: int, frame: Optional[FrameType]) -> None:
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
-    if "total" not in GUEST_TIMES:
-        return
-    built = GUEST_TIMES.get("base")
-    base = f"built in {built:.1f} s" if built else "cached"
-    terminalreporter.write_line(
-        f"packaging guest: {GUEST_TIMES['total']:.1f} s in all"
-        f" (base tree {base}, boot {GUEST_TIMES.get('boot', 0):.1f} s)"
-    )
+    for label, times in GUEST_TIMES.items():
+        if "total" not in times:
+            continue
+        built = times.get("base")
+        tree = f"built in {built:.1f} s" if built else "cached"
+        terminalreporter.write_line(
+            f"{label}: {times['total']:.1f} s in all (tree {tree}, boot {times.get('boot', 0):.1f} s)"
+        )
+
+
+def guest_label(kind: str, release: str) -> str:
+    """How the terminal summary names a guest."""
+    return f"{kind}, Debian {container.RELEASES.get(release, '')} ({release})".replace("  ", " ")
+
+
+@pytest.fixture(
+    scope="package",
+    params=list(container.RELEASES),
+    ids=[f"debian{version}" for version in container.RELEASES.values()],
+)
+def release(request: pytest.FixtureRequest) -> str:
+    """The Debian release of the guest: every guest test runs on each."""
+    return str(request.param)
 
 
 @pytest.fixture(scope="package")
-def guest(deb: Build, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Guest]:
-    """A booted Debian 12 guest with the .deb copied in (not installed yet).
+def guest(deb: Build, release: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Guest]:
+    """A booted guest of ``release`` with the .deb copied in (not installed yet).
 
     Its journal and console are kept in the session's temporary directory
-    (guest-logs/) for reading after a failure.
+    (guest-logs-RELEASE/) for reading after a failure.
     """
     require_root("boots a throwaway systemd container")
     require_tools("mmdebstrap", "nsenter", "mount", "umount", "dpkg-deb", "apt-get")
@@ -156,21 +173,22 @@ def guest(deb: Build, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gues
     if previous == signal.SIG_DFL:
         signal.signal(signal.SIGTERM, _interrupt)
     started = time.monotonic()
-    base = container.ensure_base(deb.package)
-    logs = tmp_path_factory.mktemp("guest-logs")
+    times = GUEST_TIMES.setdefault(guest_label("packaging guest", release), {})
+    base = container.ensure_base(release)
+    logs = tmp_path_factory.mktemp(f"guest-logs-{release}")
     try:
         with Guest(base.path, nspawn, logs) as booted:
             booted.copy_in(deb.package, GUEST_DEB)
             built = f"base tree built in {base.built_in:.1f} s, " if base.built_in else ""
             container.log(
-                f"guest ready after {time.monotonic() - started:.1f} s ({built}"
+                f"{release} guest ready after {time.monotonic() - started:.1f} s ({built}"
                 f"boot {booted.boot_seconds or 0:.1f} s); logs in {logs}"
             )
-            GUEST_TIMES.update(boot=booted.boot_seconds or 0, base=base.built_in or 0)
+            times.update(boot=booted.boot_seconds or 0, base=base.built_in or 0)
             yield booted
     finally:
         base.release()
-        GUEST_TIMES["total"] = time.monotonic() - started
+        times["total"] = time.monotonic() - started
         if previous == signal.SIG_DFL:
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
@@ -197,22 +215,33 @@ def service(installed: Guest) -> Guest:
     Undoes what earlier tests left: drop-ins in /run, an edited configuration,
     a failed or stopped unit. Restarts only if something had changed.
     """
-    restart = False
+    changed = False
     if installed.exists(TEST_DROP_INS):
         installed.run("rm", "-rf", TEST_DROP_INS)
         installed.run("systemctl", "daemon-reload")
-        restart = True
+        changed = True
     shipped = installed.read(SHIPPED_CONF)
     if installed.read(CONF) != shipped:
         installed.write(CONF, shipped)  # in place: owner and mode stay
-        restart = True
+        changed = True
     state = installed.props("relaymilter.service", "ActiveState", "SubState")
     if state != {"ActiveState": "active", "SubState": "running"}:
-        installed.run("systemctl", "reset-failed", "relaymilter.service", check=False)
-        restart = True
-    if restart:
-        installed.run("systemctl", "restart", "relaymilter.service")
+        changed = True
+    if changed:
+        restart(installed)
     return installed
+
+
+def restart(
+    guest: Guest, unit: str = "relaymilter.service", check: bool = True
+) -> subprocess.CompletedProcess[str]:
+    """``systemctl restart``, the unit's failed state and start counter cleared first.
+
+    systemd 257 counts every start against the unit's start limit
+    (StartLimitBurst=5 in 10 s by default), and refuses a test's sixth.
+    """
+    guest.run("systemctl", "reset-failed", unit, check=False)
+    return guest.run("systemctl", "restart", unit, check=check)
 
 
 SOCKET = "inet:8894@127.0.0.1"  # the shipped relaymilter.yml's

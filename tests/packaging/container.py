@@ -1,12 +1,17 @@
-"""A throwaway Debian 12 machine with a real systemd as PID 1, for the packaging tests.
+"""Throwaway Debian machines with a real systemd as PID 1, for the packaging tests.
 
 The tests never install relaymilter on the machine that runs them. They install
-it in a guest instead: systemd 252 booted by ``systemd-nspawn`` on a Debian 12
-tree, where installing, upgrading, purging and running the package under real
-systemd hurt nobody. Works where systemd is not PID 1 (build and CI machines
-here), which is also the only place it was tried.
+it in a guest instead: each Debian release's own systemd (252 in Debian 12
+"bookworm", 257 in Debian 13 "trixie") booted by ``systemd-nspawn`` on a tree
+of that release, where installing, upgrading, purging and running the package
+under real systemd hurt nobody. Works where systemd is not PID 1 (build and CI
+machines here), which is also the only place it was tried.
 
-- **The base tree** (``mmdebstrap``, about 30-40 s, once) is cached in
+- **The releases** (``RELEASES``): a tree of the host's own release uses the
+  host's apt sources; another release uses the same archive, the suites
+  renamed (``bookworm`` → ``trixie``, ``-updates`` and ``-security`` alike).
+
+- **The base tree** (``mmdebstrap``, about 30-60 s, once per release) is cached in
   ``$RELAYMILTER_TEST_CONTAINER_CACHE`` (default
   /var/cache/relaymilter-test-container) under a name hashed from its recipe:
   the packages, the hooks, this machine's apt sources and the .deb's
@@ -39,6 +44,7 @@ import fcntl
 import hashlib
 import json
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -49,13 +55,15 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Callable, Dict, Iterator, List, Optional, Sequence, TypeVar
+from typing import IO, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, TypeVar
 
 SYSTEM_PATH = "/usr/sbin:/usr/bin:/sbin:/bin"
+REPO = Path(__file__).resolve().parent.parent.parent
 CACHE = Path(
     os.environ.get("RELAYMILTER_TEST_CONTAINER_CACHE", "/var/cache/relaymilter-test-container")
 )
-SUITE = "bookworm"
+#: The Debian releases a guest can run, by codename, with their version.
+RELEASES = {"bookworm": "12", "trixie": "13"}
 
 # What the base tree is made of. python3-yaml and the other runtime
 # dependencies are not installed: they come with the .deb under test.
@@ -71,7 +79,12 @@ BASE_PACKAGES = (
     "python3",
     "postfix",
     "man-db",
+    # The release's own lintian checks the .deb there.
+    "lintian",
 )
+#: Downloaded into the tree's apt cache, not installed: the guest has no network,
+#: and the MTA tests replace Postfix with Sendmail in a guest of their own.
+DOWNLOADED_PACKAGES = ("sendmail",)
 # Timers and services that would only add noise (or network attempts) to a
 # short boot.
 QUIET_UNITS = (
@@ -294,6 +307,35 @@ def ensure_nspawn() -> Nspawn:
 # -- the base tree ---------------------------------------------------------------------
 
 
+def host_release() -> str:
+    """The codename of this machine's Debian release (VERSION_CODENAME of os-release)."""
+    for line in Path("/etc/os-release").read_text().splitlines():
+        key, _, value = line.partition("=")
+        if key == "VERSION_CODENAME":
+            return value.strip().strip('"')
+    raise ContainerError("/etc/os-release names no VERSION_CODENAME")
+
+
+def apt_sources(release: str) -> List[str]:
+    """The apt sources for a tree of ``release``: files, as mmdebstrap takes them.
+
+    The host's own files for its own release; for another release, the same
+    archive with the suites renamed, written into the cache.
+    """
+    files = apt_source_files()
+    host = host_release()
+    if release == host:
+        return [str(path) for path in files]
+    CACHE.mkdir(parents=True, exist_ok=True)
+    written = []
+    for number, path in enumerate(files):
+        text = re.sub(rf"\b{host}(?=\b|-)", release, path.read_text())
+        target = CACHE / f"sources-{release}-{number}{path.suffix}"
+        target.write_text(text)
+        written.append(str(target))
+    return written
+
+
 def apt_source_files() -> List[Path]:
     """This machine's active apt sources: the guest uses the same archive."""
     candidates = [Path("/etc/apt/sources.list")]
@@ -309,21 +351,134 @@ def apt_source_files() -> List[Path]:
     return active
 
 
-def deb_dependencies(deb: Path) -> List[str]:
-    """The .deb's Depends and Recommends: package names, the first of each alternative."""
+def package_dependencies() -> List[str]:
+    """The .deb's Depends and Recommends (packaging/debian/control): the first of each alternative.
+
+    Read from the source, not from a built .deb, so that the trees can be
+    built before the package is. What debhelper adds (``${python3:Depends}``,
+    ``${misc:Depends}``: python3, systemd) is in the base tree already.
+    """
+    control = (REPO / "packaging" / "debian" / "control").read_text()
+    binary = control.split("\nPackage:", 1)[1]
     names = set()
     for field_name in ("Depends", "Recommends"):
-        value = _run(["dpkg-deb", "-f", str(deb), field_name]).stdout
-        for item in value.split(","):
+        match = re.search(rf"^{field_name}:((?:.*\n)(?:[ \t].*\n)*)", binary, re.MULTILINE)
+        for item in (match.group(1) if match else "").split(","):
             name = item.split("|")[0].split("(")[0].strip().removesuffix(":any")
             if name and "$" not in name:
                 names.add(name)
     return sorted(names)
 
 
+@dataclass(frozen=True)
+class TreeRecipe:
+    """What one cached tree is made of: a Debian release, packages and mmdebstrap hooks.
+
+    ``name`` tells the kinds of tree apart (the packaging tests' ``base``, the
+    floor's ``floor``); each kind keeps one tree per release, the newest recipe's.
+    """
+
+    name: str
+    release: str
+    packages: Sequence[str]
+    essential_hooks: Sequence[str] = ()
+    customize_hooks: Sequence[str] = ()
+    #: Tells the reader of the log what to expect.
+    expected_seconds: str = "30-60"
+
+    def command(self, target: str) -> List[str]:
+        sources = apt_sources(self.release)
+        if not sources:
+            raise ContainerError("no active apt sources in /etc/apt")
+        return [
+            "mmdebstrap",
+            "--mode=root",
+            "--variant=apt",
+            "--include=" + ",".join(self.packages),
+            *(f"--essential-hook={hook}" for hook in self.essential_hooks),
+            *(f"--customize-hook={hook}" for hook in self.customize_hooks),
+            # Keep the apt lists and the downloaded archives.
+            "--skip=cleanup/apt",
+            self.release,
+            target,
+            *sources,
+        ]
+
+    def text(self) -> str:
+        """Everything the tree is made of: the whole command, and the apt sources' contents."""
+        # Where this checkout is does not change the tree (a hook may copy from it).
+        command = [part.replace(str(REPO), "$REPO") for part in self.command("TARGET")]
+        recipe = {
+            "version": RECIPE_VERSION,
+            "command": command,
+            "sources": {source: Path(source).read_text() for source in apt_sources(self.release)},
+        }
+        return json.dumps(recipe, sort_keys=True, indent=1)
+
+    @property
+    def kind(self) -> str:
+        return f"{self.name}-{self.release}"
+
+
+def base_recipe(release: str) -> TreeRecipe:
+    """The packaging tests' tree: a bootable system, the .deb's dependencies downloaded."""
+    return TreeRecipe(
+        "base",
+        release,
+        BASE_PACKAGES,
+        ESSENTIAL_HOOKS,
+        (
+            *CUSTOMIZE_HOOKS,
+            # The archives of what is installed already are not needed. The
+            # .deb's dependencies are downloaded, not installed: the guest's
+            # "apt-get install ./x.deb" then resolves them offline, as on a real
+            # machine.
+            'chroot "$1" apt-get clean',
+            'chroot "$1" apt-get install --download-only -y -q'
+            " -o APT::Install-Recommends=true " + " ".join(package_dependencies()),
+            'chroot "$1" apt-get install --download-only -y -q ' + " ".join(DOWNLOADED_PACKAGES),
+        ),
+    )
+
+
+def pip_install_hooks(venv: str, requirements: Sequence[str]) -> Tuple[str, ...]:
+    """Customize hooks that install ``requirements`` from PyPI into the tree's ``venv``.
+
+    pip runs with a clean environment, trusting what this machine trusts:
+    PyPI may be reached through a proxy with a CA of its own.
+    """
+    cas = "/root/host-cas.pem"
+    return (
+        f'cp /etc/ssl/certs/ca-certificates.crt "$1{cas}"',
+        f'chroot "$1" env -i PATH=/usr/bin:/bin HOME=/root PIP_CERT={cas}'
+        f" {venv}/bin/pip install -q --no-cache-dir --disable-pip-version-check "
+        + " ".join(requirements),
+        f'rm "$1{cas}"',
+    )
+
+
+def entry_point_hooks(venv: str) -> Tuple[str, ...]:
+    """Customize hooks writing ``venv``/bin/relaymilter as pip would (the checkout on PYTHONPATH)."""
+    script = (
+        f"#!{venv}/bin/python\nimport sys\nfrom relaymilter.cli import main\nsys.exit(main())\n"
+    )
+    return (
+        f"printf '{script}' > \"$1{venv}/bin/relaymilter\"",
+        f'chmod 0755 "$1{venv}/bin/relaymilter"',
+    )
+
+
+def copy_checkout(target: Path) -> None:
+    """This checkout's files (no VCS data, caches or virtualenv) into a guest's ``target``."""
+    ignored = shutil.ignore_patterns(
+        ".git", ".venv", "dist", "__pycache__", ".mypy_cache", ".ruff_cache", ".pytest_cache"
+    )
+    shutil.copytree(REPO, target, ignore=ignored)
+
+
 @dataclass
-class Base:
-    """A cached base tree, and the shared lock that keeps it while a guest uses it."""
+class Tree:
+    """A cached tree, and the shared lock that keeps it while a guest uses it."""
 
     path: Path
     lock: IO[str]
@@ -333,81 +488,49 @@ class Base:
         self.lock.close()
 
 
-def _mmdebstrap_command(dependencies: Sequence[str], target: str) -> List[str]:
-    sources = apt_source_files()
-    if not sources:
-        raise ContainerError("no active apt sources in /etc/apt")
-    return [
-        "mmdebstrap",
-        "--mode=root",
-        "--variant=apt",
-        "--include=" + ",".join(BASE_PACKAGES),
-        *(f"--essential-hook={hook}" for hook in ESSENTIAL_HOOKS),
-        *(f"--customize-hook={hook}" for hook in CUSTOMIZE_HOOKS),
-        # The archives of what is installed already are not needed. The
-        # .deb's dependencies are downloaded, not installed: the guest's
-        # "apt-get install ./x.deb" then resolves them offline, as on a real
-        # machine.
-        '--customize-hook=chroot "$1" apt-get clean',
-        '--customize-hook=chroot "$1" apt-get install --download-only -y -q'
-        " -o APT::Install-Recommends=true " + " ".join(dependencies),
-        # Keep the apt lists and the downloaded archives.
-        "--skip=cleanup/apt",
-        SUITE,
-        target,
-        *(str(source) for source in sources),
-    ]
-
-
-def _recipe(dependencies: Sequence[str]) -> str:
-    """Everything the tree is made of: the whole command, and the apt sources' contents."""
-    recipe = {
-        "version": RECIPE_VERSION,
-        "command": _mmdebstrap_command(dependencies, "TARGET"),
-        "sources": {str(path): path.read_text() for path in apt_source_files()},
-    }
-    return json.dumps(recipe, sort_keys=True, indent=1)
-
-
-def ensure_base(deb: Path, rebuild: bool = False) -> Base:
-    """The base tree for this .deb's dependencies: cached, or built now with mmdebstrap."""
-    dependencies = deb_dependencies(deb)
-    recipe = _recipe(dependencies)
-    digest = hashlib.sha256(recipe.encode()).hexdigest()[:12]
-    path = CACHE / f"base-{SUITE}-{digest}"
+def ensure_tree(recipe: TreeRecipe, rebuild: bool = False) -> Tree:
+    """The tree of ``recipe``: cached, or built now."""
+    text = recipe.text()
+    digest = hashlib.sha256(text.encode()).hexdigest()[:12]
+    path = CACHE / f"{recipe.kind}-{digest}"
     CACHE.mkdir(parents=True, exist_ok=True)
-    lock = open(CACHE / "base.lock", "w")  # noqa: SIM115 (held by the returned Base)
+    lock = open(CACHE / f"{recipe.kind}.lock", "w")  # noqa: SIM115 (held by the returned Tree)
     try:
         fcntl.flock(lock, fcntl.LOCK_SH)
         if (path / READY_MARK).exists() and not rebuild:
-            return Base(path, lock)
-        # Build under the exclusive lock: no guest uses a base tree meanwhile.
+            return Tree(path, lock)
+        # Build under the exclusive lock: no guest uses a tree of this kind meanwhile.
         # (Unlock first: two holders of the shared lock that both asked for
         # the exclusive one would wait for each other forever.)
         fcntl.flock(lock, fcntl.LOCK_UN)
         fcntl.flock(lock, fcntl.LOCK_EX)
         built_in = None
         if not (path / READY_MARK).exists() or rebuild:
-            built_in = _build_base(path, recipe, dependencies)
+            built_in = _build_tree(path, recipe, text)
         fcntl.flock(lock, fcntl.LOCK_UN)
         fcntl.flock(lock, fcntl.LOCK_SH)
-        return Base(path, lock, built_in)
+        return Tree(path, lock, built_in)
     except BaseException:
         lock.close()
         raise
 
 
-def _build_base(path: Path, recipe: str, dependencies: Sequence[str]) -> float:
+def ensure_base(release: str, rebuild: bool = False) -> Tree:
+    """The packaging tests' tree of ``release``: cached, or built now."""
+    return ensure_tree(base_recipe(release), rebuild)
+
+
+def _build_tree(path: Path, recipe: TreeRecipe, text: str) -> float:
     if shutil.which("mmdebstrap", path=SYSTEM_PATH) is None:
         raise ContainerError("mmdebstrap is not installed (scripts/bootstrap installs it)")
-    log(f"building the base tree {path} with mmdebstrap (once; about 30-40 s)")
+    log(f"building the tree {path} with mmdebstrap (once; about {recipe.expected_seconds} s)")
     started = time.monotonic()
-    # Old trees (another recipe), and leftovers of an interrupted build.
-    for old in CACHE.glob("base-*"):
+    # Old trees of this kind (another recipe), and leftovers of an interrupted build.
+    for old in CACHE.glob(f"{recipe.kind}-*"):
         if old.is_dir():
             remove_tree(old)
     building = path.with_name(path.name + ".building")
-    command = _mmdebstrap_command(dependencies, str(building))
+    command = recipe.command(str(building))
     with tempfile.TemporaryFile("w+") as output:
         process = subprocess.Popen(
             command,
@@ -434,11 +557,11 @@ def _build_base(path: Path, recipe: str, dependencies: Sequence[str]) -> float:
     if returncode != 0:
         remove_tree(building)
         raise ContainerError(f"mmdebstrap failed ({returncode}):\n{log_tail}")
-    (building / ".relaymilter-test-recipe.json").write_text(recipe)
+    (building / ".relaymilter-test-recipe.json").write_text(text)
     (building / READY_MARK).touch()
     building.rename(path)
     elapsed = time.monotonic() - started
-    log(f"base tree built in {elapsed:.1f} s")
+    log(f"tree built in {elapsed:.1f} s")
     return elapsed
 
 
@@ -955,15 +1078,22 @@ class Guest:
 
 
 @contextlib.contextmanager
-def booted(deb: Path, logs: Optional[Path] = None) -> Iterator[Guest]:
-    """A guest booted on the base tree for ``deb`` (built first if needed)."""
+def booted(release: str, logs: Optional[Path] = None) -> Iterator[Guest]:
+    """A guest of ``release`` booted on the packaging tests' tree (built first if needed)."""
+    with booted_on(base_recipe(release), logs) as guest:
+        yield guest
+
+
+@contextlib.contextmanager
+def booted_on(recipe: TreeRecipe, logs: Optional[Path] = None) -> Iterator[Guest]:
+    """A guest booted on the tree of ``recipe`` (built first if needed)."""
     nspawn = find_nspawn() or ensure_nspawn()
-    base = ensure_base(deb)
+    tree = ensure_tree(recipe)
     try:
-        with Guest(base.path, nspawn, logs) as guest:
+        with Guest(tree.path, nspawn, logs) as guest:
             yield guest
     finally:
-        base.release()
+        tree.release()
 
 
 # -- command line -----------------------------------------------------------------------
@@ -976,10 +1106,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("tools", help="make sure systemd-nspawn can run (unpack it if needed)")
     commands.add_parser("sweep", help="clean up after test sessions that were killed")
-    build = commands.add_parser("build-base", help="(re)build the base tree for a .deb")
-    build.add_argument("deb", type=Path)
+    build = commands.add_parser("build-base", help="(re)build the packaging tests' base tree")
     shell = commands.add_parser("shell", help="boot a guest with the .deb copied in; open a shell")
     shell.add_argument("deb", type=Path)
+    for sub in (build, shell):
+        sub.add_argument("--release", choices=sorted(RELEASES), default=host_release())
     commands.add_parser("clean", help="remove the cache (base trees and unpacked tools)")
     args = parser.parse_args(argv)
     if os.geteuid() != 0:
@@ -989,9 +1120,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     elif args.command == "sweep":
         print("\n".join(sweep()) or "nothing to clean up")
     elif args.command == "build-base":
-        ensure_base(args.deb, rebuild=True).release()
+        ensure_base(args.release, rebuild=True).release()
     elif args.command == "shell":
-        with booted(args.deb) as guest:
+        with booted(args.release) as guest:
             guest.copy_in(args.deb, f"/root/{args.deb.name}")
             print(f"guest PID 1 is host PID {guest.leader}; exit the shell to stop it")
             subprocess.run(guest.command("/bin/bash", "-l"), check=False)

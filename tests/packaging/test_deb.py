@@ -1,8 +1,9 @@
 """The .deb: built lintian-clean here; installed, run, upgraded and purged only in a guest.
 
 The package file is checked on this machine (build, lintian, metadata,
-contents). Everything that installs it runs inside the throwaway Debian 12
-guest of conftest.py (systemd 252 as PID 1, see container.py): this machine's
+contents), and by each release's own lintian. Everything that installs it runs
+inside the throwaway Debian 12 and Debian 13 guests of conftest.py (each
+release's systemd as PID 1, see container.py): this machine's
 own packages, users and services are never touched, and an admin's installed
 relaymilter is never purged. The daemon runs there as systemd runs it, under
 the shipped unit and its sandbox. test_unit.py checks the unit's behaviour
@@ -18,6 +19,7 @@ from typing import Dict, List
 import pytest
 
 from ..support import REPO
+from . import dependencies
 from .conftest import (
     APT_INSTALL,
     CONF,
@@ -26,6 +28,7 @@ from .conftest import (
     Build,
     milter_replies,
     package_status,
+    restart,
     run,
     unit_log,
     wait_for_log,
@@ -34,15 +37,15 @@ from .container import Guest
 
 pytestmark = pytest.mark.packaging
 
-UNIT = "/lib/systemd/system/relaymilter.service"
+UNIT = "/usr/lib/systemd/system/relaymilter.service"
 CHROOT_DIR = "/var/spool/postfix/relaymilter"
 # Every file the package installs, and where; checked again after purge.
 INSTALLED_PATHS = [
     "/usr/bin/relaymilter",
     CONF,
     UNIT,
-    "/lib/systemd/system/relaymilter-sync.service",
-    "/lib/systemd/system/relaymilter-sync.timer",
+    "/usr/lib/systemd/system/relaymilter-sync.service",
+    "/usr/lib/systemd/system/relaymilter-sync.timer",
     "/usr/lib/sysusers.d/relaymilter.conf",
     "/usr/lib/python3/dist-packages/relaymilter/__init__.py",
     "/usr/share/man/man8/relaymilter.8.gz",
@@ -76,20 +79,18 @@ def test_build_is_lintian_clean(deb: Build) -> None:
 
 
 def test_package_metadata_and_contents(deb: Build) -> None:
-    depends = run(["dpkg-deb", "-f", str(deb.package), "Depends"])
-    names = {item.split("(")[0].strip() for item in depends.split(",")}
-    for dependency in (
-        "python3-milter",
-        "python3-yaml",
-        "python3-cryptography",
-        "python3-sdnotify",
-        "python3-idna",
-        "publicsuffix",
-    ):
-        assert dependency in names, dependency
-    # Only for relaymilter sync's ldap and postgresql sources.
-    suggests = run(["dpkg-deb", "-f", str(deb.package), "Suggests"])
-    assert {"python3-ldap", "python3-psycopg"} <= {s.strip() for s in suggests.split(",")}
+    fields = {
+        name: run(["dpkg-deb", "-f", str(deb.package), name])
+        for name in ("Depends", "Recommends", "Suggests")
+    }
+    assert "publicsuffix" in {item.strip() for item in fields["Depends"].split(",")}
+    # The floor, in the built package: required, recommended (the journal,
+    # metrics) or suggested (relaymilter sync's ldap and postgresql sources).
+    declared = {item.strip() for value in fields.values() for item in value.split(",")}
+    for name, minimum in dependencies.floor().items():
+        assert f"{dependencies.NAMES[name][1]} (>= {minimum})" in declared, name
+    suggests = {item.strip() for item in fields["Suggests"].split(",")}
+    assert {"python3-ldap (>= 3.4.3)", "python3-psycopg (>= 3.1.7)"} <= suggests
     assert run(["dpkg-deb", "-I", str(deb.package), "conffiles"]).split() == [CONF]
     listing = run(["dpkg-deb", "-c", str(deb.package)])
     modes = {line.split()[-1].lstrip("."): line.split()[0] for line in listing.splitlines()}
@@ -117,6 +118,17 @@ def test_package_metadata_and_contents(deb: Build) -> None:
 
 
 # -- installed in the guest ---------------------------------------------------------------
+
+
+def test_the_releases_lintian_finds_it_clean(guest: Guest) -> None:
+    # The same .deb, checked by each release's own lintian (Debian 13's refuses units
+    # under /lib, an aliased location, and override lines for tags it no longer knows).
+    result = guest.run(
+        "lintian", "--fail-on", "warning,error", "-I", "--pedantic", "--display-experimental",
+        GUEST_DEB, check=False, timeout=300,
+    )  # fmt: skip
+    tags = [line for line in result.stdout.splitlines() if re.match(r"[EW]: ", line)]
+    assert result.returncode == 0 and tags == [], result.stdout + result.stderr
 
 
 def getent(guest: Guest, database: str, key: str) -> List[str]:
@@ -215,7 +227,7 @@ def test_installed_daemon_serves_on_a_unix_socket_in_postfix_chroot(service: Gue
     text = service.read(CONF)
     assert "\nsocket: inet:8894@127.0.0.1\n" in text
     service.write(CONF, text.replace("\nsocket: inet:8894@127.0.0.1\n", f"\nsocket: unix:{path}\n"))
-    service.run("systemctl", "restart", "relaymilter.service")
+    restart(service)
     # Set-group-ID directory: the socket is in Postfix's group, 0660.
     info = service.run("stat", "-c", "%a %U %G %F", path).stdout.strip().split(maxsplit=3)
     assert info == ["660", "relaymilter", "postfix", "socket"], info
@@ -269,8 +281,9 @@ def test_installed_daemon_needs_no_system_call_the_unit_forbids(service: Guest) 
         renice,
         check=False,
     )
-    assert "code=killed/status=SYS" in killed.stderr, killed
-    service.run("systemctl", "restart", "relaymilter.service")
+    # systemd 252 says "code=killed/status=SYS", 257 "code=killed, status=31/SYS".
+    assert re.search(r"code=killed(/|, )status=(31/)?SYS\b", killed.stderr), killed
+    restart(service)
     # Start, decisions, watchdog check, reload (check-config too runs under
     # the filter) and stop, all without SIGSYS.
     exercise(service)

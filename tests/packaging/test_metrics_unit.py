@@ -13,7 +13,7 @@ import urllib.request
 
 import pytest
 
-from .conftest import CONF, TEST_DROP_INS, milter_replies
+from .conftest import CONF, TEST_DROP_INS, milter_replies, restart
 from .container import Guest, wait_for
 from .test_unit import REJECT, SECURITY_EXPOSURE, UNIT, main_pid, state
 
@@ -46,7 +46,7 @@ def test_the_unit_serves_metrics_and_writes_the_textfile(service: Guest) -> None
     )
     checked = service.run("runuser", "-u", "relaymilter", "--", "relaymilter", "check-config")
     assert "warning" not in (checked.stdout + checked.stderr).lower(), checked
-    service.run("systemctl", "restart", UNIT)
+    restart(service, UNIT)
     assert state(service) == "active/running"
     main_pid(service)
 

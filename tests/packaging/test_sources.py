@@ -9,12 +9,14 @@ from pathlib import Path
 from typing import Dict, List, Tuple
 
 import pytest
+import tomllib
 
 import relaymilter
 from relaymilter.cli import build_parser
 from relaymilter.config import parse_config
 
 from ..support import REPO
+from . import dependencies
 
 pytestmark = pytest.mark.packaging
 
@@ -49,6 +51,16 @@ def test_versions_agree() -> None:
     assert re.search(rf"^Version:\s+{re.escape(version)}$", spec, re.MULTILINE)
     for page in (MAN8, MAN5):
         assert f'"relaymilter {version}"' in page.read_text().splitlines()[2], page
+
+
+def test_declared_minimums_agree() -> None:
+    floor = dependencies.floor()
+    # Every library the code imports is declared, with a minimum.
+    assert set(floor) == set(dependencies.NAMES)
+    assert dependencies.debian_minimums() == floor
+    assert dependencies.pyproject_minimums() == floor
+    requires_python = tomllib.loads(dependencies.PYPROJECT.read_text())["project"]
+    assert requires_python["requires-python"] == f">={dependencies.python_floor()}"
 
 
 def test_the_unit_has_readiness_watchdog_reload_and_sandbox() -> None:

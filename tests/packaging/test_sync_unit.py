@@ -17,7 +17,7 @@ from typing import Dict, Iterator, List
 
 import pytest
 
-from .conftest import CONF, SHIPPED_CONF, milter_replies, unit_log, wait_for_log
+from .conftest import CONF, SHIPPED_CONF, milter_replies, restart, unit_log, wait_for_log
 from .container import Guest
 from .test_unit import REJECT, UNIT, main_pid, state
 
@@ -102,7 +102,7 @@ def sources(service: Guest) -> Iterator[Guest]:
         service.run("systemctl", "daemon-reload")
         service.run("systemctl", "reset-failed", SYNC, check=False)
         service.write(CONF, service.read(SHIPPED_CONF))
-        service.run("systemctl", "restart", UNIT, check=False)
+        restart(service, UNIT, check=False)
         service.run("rm", "-rf", FRAGMENTS, PASSWORD_FILE, SNAPSHOT, STATE_DIR)
 
 
@@ -218,7 +218,7 @@ def test_sync_writes_the_snapshot_the_running_daemon_reloads(sources: Guest) -> 
     # UMask=0077: the lock file is root's alone.
     assert stat(guest, f"{STATUS}.lock") == ["600", "root", "root"]
 
-    guest.run("systemctl", "restart", UNIT)
+    restart(guest, UNIT)
     assert state(guest) == "active/running"
     pid = main_pid(guest)
     refused = milter_replies(guest, ["<someone@example.org>"], client=FABRIKAM_IP, sender=SENDER)

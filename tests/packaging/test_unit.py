@@ -15,7 +15,15 @@ from typing import Dict, Iterator, List, Optional, Tuple
 
 import pytest
 
-from .conftest import CONF, TEST_DROP_INS, messages, milter_replies, unit_log, wait_for_log
+from .conftest import (
+    CONF,
+    TEST_DROP_INS,
+    messages,
+    milter_replies,
+    restart,
+    unit_log,
+    wait_for_log,
+)
 from .container import Guest, wait_for
 
 pytestmark = pytest.mark.packaging
@@ -53,10 +61,16 @@ def pid1_debug(guest: Guest) -> Iterator[None]:
         guest.run("systemctl", "log-level", level)
 
 
+def notification_pattern(pid: str) -> str:
+    """PID 1's debug line for a notification: systemd 252 "from PID 12 (READY=1, …)",
+    257 "from PID 12: READY=1, …"; the group is the notification."""
+    return rf"Got notification message from PID {pid}(?: \((.*)\)$|: (.*)$)"
+
+
 def notifications(log: List[str], pid: str) -> List[str]:
     """The sd_notify messages PID 1 got from ``pid``, e.g. "READY=1, STATUS=…"."""
-    prefix = f"Got notification message from PID {pid} ("
-    return [m[m.index(prefix) + len(prefix) : -1] for m in log if prefix in m]
+    found = (re.search(notification_pattern(pid), message) for message in log)
+    return [match.group(1) or match.group(2) for match in found if match]
 
 
 def configure(guest: Guest, old: str, new: str) -> int:
@@ -72,7 +86,7 @@ def test_unit_passes_systemd_analyze_verify_and_security(installed: Guest) -> No
     # man-db is in the guest, so the Documentation=man: pages are looked up too.
     verify = installed.run("systemd-analyze", "verify", UNIT)
     assert "relaymilter" not in verify.stdout + verify.stderr, verify
-    for args in ([UNIT], ["--offline=yes", f"/lib/systemd/system/{UNIT}"]):
+    for args in ([UNIT], ["--offline=yes", f"/usr/lib/systemd/system/{UNIT}"]):
         output = installed.run("systemd-analyze", "security", "--no-pager", *args).stdout
         match = re.search(r"Overall exposure level for relaymilter.service: ([0-9.]+)", output)
         assert match, output
@@ -96,7 +110,9 @@ def test_start_waits_for_ready_and_sets_the_status(service: Guest) -> None:
         return found[0]
 
     listening = first(r"^listening on inet:8894@127\.0\.0\.1: 1 organization")
-    ready = first(rf"Got notification message from PID {pid} \(READY=1, STATUS=1 organization")
+    ready = first(
+        rf"Got notification message from PID {pid}(?: \(|: )READY=1, STATUS=1 organization"
+    )
     running = first(r"Changed start -> running")
     started = first(r"^Started relaymilter\.service")
     assert first(r"Changed dead -> start") < listening < ready <= running < started
@@ -227,7 +243,7 @@ def test_broken_config_at_start_fails_without_restarting(service: Guest) -> None
     # start that cannot succeed: the unit ends "failed", with the reason.
     line = configure(service, "\nmode: enforce\n", f"\n{BROKEN_MODE}\n")
     mark = service.mark()
-    result = service.run("systemctl", "restart", UNIT, check=False)
+    result = restart(service, UNIT, check=False)
     assert result.returncode != 0
     # Restart=on-failure would have put it in activating/auto-restart at once.
     props = service.props(UNIT, "ActiveState", "SubState", "Result", "ExecMainStatus", "NRestarts")
@@ -254,7 +270,7 @@ def test_watchdog_restarts_a_daemon_that_stopped_answering(service: Guest) -> No
     service.run("mkdir", "-p", TEST_DROP_INS)
     service.write(f"{TEST_DROP_INS}/no-core.conf", "[Service]\nLimitCORE=0\n")
     service.run("systemctl", "daemon-reload")
-    service.run("systemctl", "restart", UNIT)
+    restart(service, UNIT)
     pid = main_pid(service)
     assert int(pid) > 1
     restarts = int(service.prop(UNIT, "NRestarts"))

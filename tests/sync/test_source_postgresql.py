@@ -1,4 +1,4 @@
-"""The postgresql source against a real, throwaway PostgreSQL 15 (tests/pgserver.py)."""
+"""The postgresql source against a real, throwaway PostgreSQL server (tests/pgserver.py)."""
 
 from __future__ import annotations
 
@@ -10,10 +10,11 @@ from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional
 
 import pytest
+from psycopg.conninfo import conninfo_to_dict
 
 from relaymilter.core.sourcesettings import PostgresqlSource
 from relaymilter.sync.sources import SourceError, SourceResult
-from relaymilter.sync.sources.postgresql import fetch
+from relaymilter.sync.sources.postgresql import connection_attempts, fetch
 
 from ..pgserver import PASSWORD, PostgresServer
 from ..support import REPO
@@ -585,3 +586,41 @@ def test_without_psycopg_the_error_names_the_packages(pg: PostgresServer) -> Non
     assert result.stdout.startswith(f"{LABEL}: psycopg 3 is not installed"), result.stderr
     assert "python3-psycopg on Debian" in result.stdout
     assert "python3-psycopg3 from EPEL" in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("conninfo", "expected"),
+    [
+        ("host=a", [{"host": "a"}]),
+        ("host=a,b port=5", [{"host": "a", "port": "5"}, {"host": "b", "port": "5"}]),
+        ("host=a,b port=5,6", [{"host": "a", "port": "5"}, {"host": "b", "port": "6"}]),
+        (
+            "host=a,b hostaddr=192.0.2.1,192.0.2.2 dbname=d",
+            [
+                {"host": "a", "hostaddr": "192.0.2.1", "dbname": "d"},
+                {"host": "b", "hostaddr": "192.0.2.2", "dbname": "d"},
+            ],
+        ),
+        ("hostaddr=192.0.2.1,192.0.2.2", [{"hostaddr": "192.0.2.1"}, {"hostaddr": "192.0.2.2"}]),
+        # What libpq explains better itself goes to it whole.
+        ("host=a,b port=5,6,7", [{"host": "a,b", "port": "5,6,7"}]),
+        ("host=a hostaddr=192.0.2.1,192.0.2.2", [{"host": "a", "hostaddr": "192.0.2.1,192.0.2.2"}]),
+        ("host=a,,b", [{"host": "a,,b"}]),
+    ],
+)
+def test_connection_attempts(
+    conninfo: str, expected: List[Dict[str, str]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for variable in ("PGHOST", "PGHOSTADDR", "PGPORT"):
+        monkeypatch.delenv(variable, raising=False)
+    assert connection_attempts(conninfo_to_dict(conninfo)) == expected
+
+
+def test_connection_attempts_read_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PGHOST", "a,b")
+    monkeypatch.setenv("PGPORT", "5")
+    monkeypatch.delenv("PGHOSTADDR", raising=False)
+    assert connection_attempts({"dbname": "d"}) == [
+        {"dbname": "d", "host": "a", "port": "5"},
+        {"dbname": "d", "host": "b", "port": "5"},
+    ]

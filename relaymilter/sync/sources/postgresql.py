@@ -11,6 +11,8 @@ from __future__ import annotations
 import contextlib
 import ipaddress
 import math
+import os
+import random
 from dataclasses import dataclass, field
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
@@ -34,6 +36,8 @@ APPLICATION_NAME = "relaymilter-sync"
 BATCH = 5000
 #: Lines of an error kept: libpq writes one per host tried.
 REASON_LINES = 6
+#: The conninfo keys that hold one value per host, and their environment variables.
+HOST_PARAMETERS = {"host": "PGHOST", "hostaddr": "PGHOSTADDR", "port": "PGPORT"}
 
 DOMAIN_COLUMNS = ("organization", "domain")
 DOMAIN_OPTIONAL = ("match_subdomains",)
@@ -68,15 +72,30 @@ def fetch(source: PostgresqlSource) -> SourceResult:
         password = read_secret(source.password_file) if source.password_file else None
     except SourceError as exc:
         raise SourceError(f"{label}: {exc}") from None
-    with _reporting(label, "cannot connect", password):
-        conn = _connect(source, password)
+    conn = _connect(source, password, label)
     try:
         return _read(conn, source, label, password)
     finally:
         conn.close()
 
 
-def _connect(source: PostgresqlSource, password: Optional[str]) -> psycopg.Connection[Row]:
+def _connect(
+    source: PostgresqlSource, password: Optional[str], label: str
+) -> psycopg.Connection[Row]:
+    """Connect to the first host that answers, naming every host's reason if none does."""
+    options = _connection_options(source, password)
+    reasons: List[str] = []
+    for attempt in connection_attempts(conninfo_to_dict(source.conninfo)):
+        try:
+            conn = psycopg.connect(**{**attempt, **options})
+        except psycopg.Error as exc:
+            reasons.append(_reason(exc, password))
+            continue
+        return _configure(conn)
+    raise SourceError(f"{label}: cannot connect: {_joined(reasons)}")
+
+
+def _connection_options(source: PostgresqlSource, password: Optional[str]) -> Dict[str, Any]:
     seconds = max(1, math.ceil(source.timeout))
     options: Dict[str, Any] = {
         "connect_timeout": seconds,
@@ -90,7 +109,46 @@ def _connect(source: PostgresqlSource, password: Optional[str]) -> psycopg.Conne
     # Without one, libpq's own ~/.pgpass (or PGPASSFILE) applies.
     if password is not None:
         options["password"] = password
-    conn = psycopg.connect(source.conninfo, **options)
+    return options
+
+
+def connection_attempts(given: Dict[str, Any]) -> List[Dict[str, Any]]:
+    """The conninfo's parameters once per host it lists, in the order libpq tries them.
+
+    With ``host=a,b`` libpq (under psycopg 3.1) reports every host's failure,
+    but psycopg 3.2 tries the hosts one by one itself and raises only the last
+    error. Trying them here, one at a time, names every host's reason on both.
+    What libpq alone can judge (a port list that matches no host list, an
+    empty entry, which means libpq's default, not PGHOST) goes to it whole.
+    """
+    lists = {key: str(value).split(",") for key, value in _host_values(given).items()}
+    hosts = max((len(lists[key]) for key in ("host", "hostaddr") if key in lists), default=1)
+    counts_match = all(
+        len(values) == hosts or (key == "port" and len(values) == 1)
+        for key, values in lists.items()
+    )
+    if hosts < 2 or not counts_match or any("" in values for values in lists.values()):
+        return [given]
+    attempts = [
+        {**given, **{key: values[index % len(values)] for key, values in lists.items()}}
+        for index in range(hosts)
+    ]
+    if given.get("load_balance_hosts") == "random":
+        random.shuffle(attempts)
+    return attempts
+
+
+def _host_values(given: Dict[str, Any]) -> Dict[str, Any]:
+    """host, hostaddr and port: the conninfo's, else the environment's (as libpq reads them)."""
+    values = {}
+    for key, variable in HOST_PARAMETERS.items():
+        value = given.get(key, os.environ.get(variable))
+        if value is not None:
+            values[key] = value
+    return values
+
+
+def _configure(conn: psycopg.Connection[Row]) -> psycopg.Connection[Row]:
     # PostgreSQL's own text of inet and cidr is what the YAML would hold;
     # psycopg's ipaddress objects would be parsed only to be printed again.
     for name in ("inet", "cidr"):
@@ -134,6 +192,15 @@ def _reporting(label: str, what: str, password: Optional[str]) -> Iterator[None]
         yield
     except psycopg.Error as exc:
         raise SourceError(f"{label}: {what}: {_reason(exc, password)}") from None
+
+
+def _joined(reasons: List[str]) -> str:
+    """Each host's reason once, the first few of a long list."""
+    unique = list(dict.fromkeys(reasons))
+    text = "; ".join(unique[:REASON_LINES])
+    if len(unique) > REASON_LINES:
+        text += f"; and {len(unique) - REASON_LINES} more"
+    return text
 
 
 def _reason(exc: psycopg.Error, password: Optional[str]) -> str:
