@@ -113,8 +113,8 @@ APT_INSTALL = [
 ]
 
 
-# What each release's guest cost, for the terminal summary (the container part must
-# stay short).
+# How long each guest was up (a package's guest stays up while the other
+# modules' tests run), for the terminal summary.
 GUEST_TIMES: Dict[str, Dict[str, float]] = {}
 
 
@@ -129,7 +129,7 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
         built = times.get("base")
         tree = f"built in {built:.1f} s" if built else "cached"
         terminalreporter.write_line(
-            f"{label}: {times['total']:.1f} s in all (tree {tree}, boot {times.get('boot', 0):.1f} s)"
+            f"{label}: up {times['total']:.1f} s (tree {tree}, boot {times.get('boot', 0):.1f} s)"
         )
 
 
