@@ -21,7 +21,7 @@ import milter
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from relaymilter.daemon.milter import LOCAL_PROTOCOL, SYMLISTS
+from relaymilter.milterd.milter import LOCAL_PROTOCOL, SYMLISTS
 
 
 class FloorMilter(Milter.Base):  # type: ignore[misc]

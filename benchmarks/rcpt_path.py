@@ -50,16 +50,25 @@ def measure(checkout: Path, count: int) -> float:
     sys.path.insert(0, str(checkout))
     from relaymilter.config import load_config
 
-    try:
-        from relaymilter.daemon.milter import RelayMilter
+    config = load_config(str(checkout / "etc" / "relaymilter.yml"))
+    try:  # the front ends in packages of their own (issue 18)
+        from relaymilter.daemon.runtime import Runtime
         from relaymilter.decisionlog.journal import configure_logging
-    except ImportError:  # a checkout from before the layered packages (issue 15)
-        from relaymilter.journal import configure_logging  # type: ignore[no-redef]
-        from relaymilter.milter import RelayMilter  # type: ignore[no-redef]
+        from relaymilter.milterd.milter import RelayMilter
+
+        RelayMilter.runtime = Runtime(config)
+    except ImportError:
+        try:  # the layered packages (issue 15)
+            from relaymilter.daemon.milter import RelayMilter  # type: ignore[no-redef]
+
+            from relaymilter.decisionlog.journal import configure_logging
+        except ImportError:  # a checkout from before them
+            from relaymilter.journal import configure_logging  # type: ignore[no-redef]
+            from relaymilter.milter import RelayMilter  # type: ignore[no-redef]
+        RelayMilter.current_config = config
 
     sys.stderr = open(os.devnull, "w")  # noqa: SIM115 - the handler writes here
     configure_logging(logging.INFO)
-    RelayMilter.current_config = load_config(str(checkout / "etc" / "relaymilter.yml"))
     start = time.process_time()
     for _ in range(count // len(RECIPIENTS)):
         milter = RelayMilter()

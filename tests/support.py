@@ -228,11 +228,11 @@ def running_daemon(
 
 # relaymilter whose reloads wait: reload N (the initial load is not one) logs
 # "test: reload N waits", then waits until the file RELEASE.N exists. Only
-# daemon.load_config is wrapped: the signals, threads and socket are real.
+# reloading.load_config is wrapped: the signals, threads and socket are real.
 _GATED_RELOAD = """\
 import logging, os, sys, time
 from relaymilter import cli
-from relaymilter.daemon import milterservice as daemon
+from relaymilter.daemon import reloading as daemon
 
 release = sys.argv.pop(1)
 load_config = daemon.load_config

@@ -1,8 +1,9 @@
 """The package's layers, read from its imports (the AST, every import, at any depth).
 
-cli -> daemon -> decision log, sync -> config -> core -> base: each package
-imports only the layers below it (and the sync and the decision log not each
-other), nothing imports cli, no module imports another into a cycle, no
+cli -> the front ends (milterd, policyd) -> daemon -> decision log, sync ->
+config -> core -> base: each package imports only the layers below it (the
+two front ends not each other, the sync and the decision log not each other),
+nothing imports cli, no module imports another into a cycle, no
 module uses another's private names, and the optional libraries are imported
 only where they are used. docs/development.md draws the same picture.
 """
@@ -30,13 +31,15 @@ MAY_IMPORT: Dict[str, Set[str]] = {
     "decisionlog": {"core", "base"},
     "sync": {"config", "core", "base"},
     "daemon": {"decisionlog", "sync", "config", "core", "base"},
-    "cli": {"daemon", "decisionlog", "sync", "config", "core", "base"},
+    "milterd": {"daemon", "decisionlog", "sync", "config", "core", "base"},
+    "policyd": {"daemon", "decisionlog", "sync", "config", "core", "base"},
+    "cli": {"milterd", "policyd", "daemon", "decisionlog", "sync", "config", "core", "base"},
     "__main__": {"cli"},
 }
 #: Libraries that only some modules may import (each is optional or heavy).
 CONFINED: Dict[str, Tuple[str, ...]] = {
-    "Milter": ("relaymilter.daemon.",),
-    "milter": ("relaymilter.daemon.",),
+    "Milter": ("relaymilter.milterd.",),
+    "milter": ("relaymilter.milterd.",),
     "prometheus_client": ("relaymilter.daemon.metrics",),
     "ldap": ("relaymilter.sync.sources.ldap",),
     "psycopg": ("relaymilter.sync.sources.postgresql",),

@@ -21,6 +21,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     configure_logging(logging.INFO)
-    from ..daemon.milterservice import run  # pymilter is needed only here
+    from ..milterd.service import run  # pymilter is needed only here
 
     return run(config_path(args), args.socket)

@@ -1,8 +1,10 @@
-"""What runs in the milter process: the pymilter adapter and the service around it.
+"""What every front end's daemon shares: no front end, no pymilter, no protocol here.
 
-``milterservice`` starts, serves, reloads and stops; ``milter`` turns each
-callback into a ``core.policy`` decision and a reply; ``listener`` opens the
-socket, ``notify`` talks to systemd, ``snapshotwatch`` reloads a new snapshot,
-``metrics`` serves Prometheus metrics (imported only with a ``metrics:``
-section). pymilter is imported only here.
+``service`` starts, serves, reloads and stops (each front end subclasses it);
+``runtime`` holds the config in force and the counts; ``reloading`` builds a
+new config without pausing the answers and frees the old one; ``decisions``
+writes the decision, error and stale-snapshot lines; ``listener`` opens a
+socket without taking over a live one; ``notify`` talks to systemd;
+``snapshotwatch`` reloads a new snapshot; ``metrics`` serves Prometheus
+metrics (imported only with a metrics section).
 """

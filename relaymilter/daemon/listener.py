@@ -1,4 +1,4 @@
-"""The milter's listening socket: never take over a live milter's, and say why it fails.
+"""A front end's listening socket: never take over a live one, and say why it fails.
 
 libmilter's ``opensocket(True)`` would unlink whatever unix socket is in the
 way, a running milter's included, and reports every failure as a bare "cannot
@@ -6,8 +6,9 @@ opensocket". So the path is checked first: a live socket is refused, a stale
 one (nothing listens: ECONNREFUSED) is removed, and anything that is not a
 socket is left alone and refused. A trial bind with Python's socket module
 then gives the system's own reason for any failure ("Address already in use",
-"Permission denied"). On a clean stop the daemon removes its unix socket file,
-if it is still the one it created.
+"Permission denied"). The front end then binds for real (libmilter, or the
+policy service's own socket). On a clean stop the daemon removes its unix
+socket file, if it is still the one it created.
 """
 
 from __future__ import annotations
@@ -21,9 +22,7 @@ import socket
 import stat
 import time
 from dataclasses import dataclass
-from typing import Iterator, Optional
-
-import milter
+from typing import Callable, Iterator, Optional
 
 from ..base.safefile import describe_kind
 from ..base.socketspec import SocketSpec
@@ -74,8 +73,8 @@ class SocketFile:
                 logger.warning("cannot remove the socket %s: %s", self.path, reason(exc))
 
 
-def open_unix(text: str, path: str) -> SocketFile:
-    """Make way for the socket at ``path`` (see ``_clear_stale``), then have libmilter bind it."""
+def open_unix(text: str, path: str, bind: Callable[[], None]) -> SocketFile:
+    """Make way for the socket at ``path`` (see ``_clear_stale``), then ``bind`` it."""
     # Under the lock, two relaymilters starting on the same path cannot both
     # find the old socket stale and one remove the other's new socket.
     with _directory_lock(path):
@@ -85,7 +84,7 @@ def open_unix(text: str, path: str) -> SocketFile:
         # it through group membership.
         previous = os.umask(0o117)
         try:
-            libmilter_open(text)
+            bind()
         finally:
             os.umask(previous)
         os.chmod(path, 0o660)
@@ -108,7 +107,7 @@ def _clear_stale(text: str, path: str) -> None:
     problem = _probe_unix(path)
     if problem is None:
         raise StartError(
-            f"cannot listen on {text}: {os.strerror(errno.EADDRINUSE)}: a milter already "
+            f"cannot listen on {text}: {os.strerror(errno.EADDRINUSE)}: something already "
             f"answers on {path} (is relaymilter already running?)"
         )
     if problem == errno.ENOENT:
@@ -148,7 +147,7 @@ def _check_unix_bind(text: str, path: str) -> None:
 
 
 def check_inet_bind(text: str, spec: SocketSpec) -> None:
-    """Bind a trial socket as libmilter will: any failure, with the system's reason."""
+    """Bind a trial socket as the front end will: any failure, with the system's reason."""
     family = socket.AF_INET6 if spec.family == "inet6" else socket.AF_INET
     try:
         found = socket.getaddrinfo(
@@ -167,17 +166,6 @@ def check_inet_bind(text: str, spec: SocketSpec) -> None:
             trial.bind(address)
         except OSError as exc:
             raise StartError(f"cannot listen on {text}: {reason(exc)}") from None
-
-
-def libmilter_open(text: str) -> None:
-    try:
-        # False: libmilter must not unlink an existing socket file, which
-        # could be a running milter's; _clear_stale removed a stale one.
-        milter.opensocket(False)
-    except milter.error as exc:
-        # The trial bind passed, so this is rare; libmilter logs the reason
-        # to syslog only.
-        raise StartError(f"cannot listen on {text}: libmilter: {exc}") from None
 
 
 @contextlib.contextmanager

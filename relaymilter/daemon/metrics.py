@@ -65,8 +65,8 @@ TRIGGER_START = "start"
 TRIGGER_RELOAD = "reload"
 RESULT_SUCCESS = "success"
 RESULT_FAILURE = "failure"
-#: The milter's stages that count internal errors (milter.py's callbacks).
-ERROR_STAGES = ("connect", "negotiate", "envrcpt")
+#: The stages that count internal errors: the milter's callbacks, the policy service's request.
+ERROR_STAGES = ("connect", "negotiate", "envrcpt", "request")
 
 _DecisionKey = Tuple[str, str, str, str, str]
 
@@ -429,9 +429,8 @@ class MetricsService:
             self._server_thread.start()
         self._writer.start()
 
-    def reconfigure(self, config: Config) -> None:
+    def reconfigure(self, settings: Optional[MetricsSettings]) -> None:
         """After a reload: the new textfile, and a prompt rewrite with the new config's info."""
-        settings = config.metrics
         listen = settings.listen if settings else None
         if listen != self.listen:
             logger.warning(

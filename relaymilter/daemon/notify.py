@@ -1,14 +1,14 @@
-"""systemd notifications: readiness, status, reload, stop, and a watchdog that checks the milter.
+"""systemd notifications: readiness, status, reload, stop, and a watchdog that checks the service.
 
 Sent with the ``sdnotify`` package, only when systemd set ``NOTIFY_SOCKET``
 (``Type=notify``); otherwise every method does nothing.
 
 The watchdog (``WatchdogSec=`` in the unit) does not merely prove that the
-Python process is alive: every half period it connects to the milter's own
-socket and completes a milter option negotiation (SMFIC_OPTNEG, the MTA's
-first command), which goes through libmilter's listener and a pymilter
-callback. Only if that works is ``WATCHDOG=1`` sent, so a milter that no longer
-answers its MTA is killed and restarted by systemd.
+Python process is alive: every half period it runs the front end's self-check
+(the milter completes an option negotiation on its own socket; the policy
+service has its event loop answer). Only if that passes is ``WATCHDOG=1``
+sent, so a service that no longer answers its MTA is killed and restarted by
+systemd.
 """
 
 from __future__ import annotations
@@ -17,43 +17,37 @@ import ipaddress
 import logging
 import os
 import socket
-import struct
 import threading
 import time
 from typing import Any, Callable, Mapping, Optional, Tuple
 
 import sdnotify
 
-from ..base.socketspec import SocketSpecError, parse_socket_spec
+from ..base.socketspec import parse_socket_spec
 
 logger = logging.getLogger("relaymilter.notify")
 
-# The milter protocol's option negotiation, as an MTA sends it: version 6,
-# offering every action and protocol step (libmilter aborts a negotiation
-# that does not offer the actions the milter registered).
-SMFIC_OPTNEG = b"O"
-SMFIC_QUIT = b"Q"
-MILTER_VERSION = 6
-SMFI_V6_ACTS = 0x1FF
-SMFI_V6_PROT = 0x1FFFFF
-# A reply packet larger than this is not an option negotiation reply (which
-# is 13 bytes plus an optional macro list).
-_MAX_REPLY = 64 * 1024
-
 #: (address family, socket address) to connect to.
 Address = Tuple[int, Any]
+#: A self-check given a timeout: None if the service answered, else why not.
+SelfCheck = Callable[[float], Optional[str]]
 
 
 class ServiceNotifier:
     """Tells systemd (when NOTIFY_SOCKET is set) how the daemon is doing.
 
-    ``socket_spec`` is the milter's listening socket, for the watchdog's
-    self-check; ``status`` returns the current STATUS= text.
+    ``what`` names the service in the watchdog's log lines ("the milter on
+    inet:8894@127.0.0.1"); ``status`` returns the current STATUS= text;
+    ``check`` is the watchdog's self-check (None: the watchdog proves only
+    that the process runs).
     """
 
-    def __init__(self, socket_spec: str, status: Callable[[], str]) -> None:
-        self._socket_spec = socket_spec
+    def __init__(
+        self, what: str, status: Callable[[], str], check: Optional[SelfCheck] = None
+    ) -> None:
+        self._what = what
         self._status = status
+        self._check = check
         self._notifier = _connect_notifier()
         self._stop = threading.Event()
         self._watchdog: Optional[threading.Thread] = None
@@ -63,7 +57,7 @@ class ServiceNotifier:
         return self._notifier is not None
 
     def ready(self) -> None:
-        """The config is loaded and the milter socket listens."""
+        """The config is loaded and the socket listens."""
         self._send("READY=1", self._status_line())
 
     def reloading(self) -> None:
@@ -89,27 +83,13 @@ class ServiceNotifier:
         interval = watchdog_interval(os.environ, os.getpid())
         if interval is None or self._notifier is None or self._watchdog is not None:
             return False
-        address = self._check_address()
         self._watchdog = threading.Thread(
-            target=self._watch, args=(address, interval), name="watchdog", daemon=True
+            target=self._watch, args=(interval,), name="watchdog", daemon=True
         )
         self._watchdog.start()
         return True
 
-    def _check_address(self) -> Optional[Address]:
-        try:
-            return milter_address(self._socket_spec)
-        except (SocketSpecError, OSError) as exc:
-            # Not expected: the daemon listens on this very spec. Keep the
-            # service up, but say that the watchdog proves less.
-            logger.warning(
-                "watchdog: cannot check the milter socket %s (%s); pinging without the check",
-                self._socket_spec,
-                exc,
-            )
-            return None
-
-    def _watch(self, address: Optional[Address], interval: float) -> None:
+    def _watch(self, interval: float) -> None:
         # A check gets at most half an interval, plus a shorter grace on
         # failure (see _ping_if_answering): the next ping still falls inside
         # WatchdogSec = 2 * interval.
@@ -118,27 +98,27 @@ class ServiceNotifier:
         # Check (and ping) at once, then every interval: the first ping must
         # not wait for a whole interval after a slow start.
         while True:
-            healthy = self._ping_if_answering(address, timeout, healthy)
+            healthy = self._ping_if_answering(timeout, healthy)
             if self._stop.wait(interval):
                 return
 
-    def _ping_if_answering(self, address: Optional[Address], timeout: float, healthy: bool) -> bool:
+    def _ping_if_answering(self, timeout: float, healthy: bool) -> bool:
         """One self-check; WATCHDOG=1 if it passed. Logs only changes of health."""
-        problem = None if address is None else milter_check(address, timeout)
+        problem = None if self._check is None else self._check(timeout)
         if problem is None:
             self._send("WATCHDOG=1", self._status_line())
             if not healthy:
-                logger.warning("watchdog: the milter answers again on %s", self._socket_spec)
+                logger.warning("watchdog: %s answers again", self._what)
             return True
-        # After SIGTERM libmilter stops accepting (our check is what wakes its
-        # accept loop) a moment before milter.main() returns and stopping()
-        # is called: a failure then is the shutdown, not a hang.
+        # A stopping service stops answering a moment before it says so
+        # (libmilter stops accepting before milter.main() returns): a failure
+        # then is the shutdown, not a hang.
         if self._stop.wait(min(1.0, timeout / 2)):
             return False
         if healthy:
             logger.error(
-                "watchdog: the milter does not answer on %s (%s); not telling systemd it is alive",
-                self._socket_spec,
+                "watchdog: %s does not answer (%s); not telling systemd it is alive",
+                self._what,
                 problem,
             )
         return False
@@ -193,11 +173,11 @@ def watchdog_interval(environ: Mapping[str, str], pid: int) -> Optional[float]:
     return int(usec) / 2_000_000
 
 
-def milter_address(spec: str) -> Address:
-    """Where to connect to reach a milter listening on ``spec``.
+def socket_address(spec: str) -> Address:
+    """Where to connect to reach a service listening on ``spec``.
 
-    A wildcard or empty host (libmilter listens on every address) is reached on
-    the loopback address of the same family.
+    A wildcard or empty host (listening on every address) is reached on the
+    loopback address of the same family.
     """
     parsed = parse_socket_spec(spec)
     if parsed.is_unix:
@@ -206,7 +186,7 @@ def milter_address(spec: str) -> Address:
     host = parsed.host or ""
     if _is_wildcard(host):
         host = "::1" if family == socket.AF_INET6 else "127.0.0.1"
-    # A host name is resolved once, as libmilter did when it bound the socket.
+    # A host name is resolved once, as the service did when it bound the socket.
     info = socket.getaddrinfo(host, parsed.port, family, socket.SOCK_STREAM)
     return family, info[0][4]
 
@@ -218,48 +198,3 @@ def _is_wildcard(host: str) -> bool:
         return ipaddress.ip_address(host).is_unspecified
     except ValueError:
         return host.upper() == "INADDR_ANY"
-
-
-def milter_check(address: Address, timeout: float) -> Optional[str]:
-    """Negotiate options with the milter at ``address``; None if it answered, else why not."""
-    family, sockaddr = address
-    try:
-        with socket.socket(family, socket.SOCK_STREAM) as sock:
-            sock.settimeout(timeout)
-            sock.connect(sockaddr)
-            sock.sendall(
-                _packet(
-                    SMFIC_OPTNEG, struct.pack("!III", MILTER_VERSION, SMFI_V6_ACTS, SMFI_V6_PROT)
-                )
-            )
-            command, data = _read_packet(sock)
-            if command != SMFIC_OPTNEG or len(data) < 12:
-                return f"unexpected reply {command!r} to the option negotiation"
-            sock.sendall(_packet(SMFIC_QUIT, b""))
-    except socket.timeout:
-        return f"no answer within {timeout:g} s"
-    except OSError as exc:
-        return str(exc)
-    return None
-
-
-def _packet(command: bytes, data: bytes) -> bytes:
-    return struct.pack("!I", len(command) + len(data)) + command + data
-
-
-def _read_packet(sock: socket.socket) -> Tuple[bytes, bytes]:
-    (length,) = struct.unpack("!I", _read_exactly(sock, 4))
-    if not 1 <= length <= _MAX_REPLY:
-        raise OSError(f"bad milter packet length {length}")
-    body = _read_exactly(sock, length)
-    return body[:1], body[1:]
-
-
-def _read_exactly(sock: socket.socket, size: int) -> bytes:
-    data = b""
-    while len(data) < size:
-        chunk = sock.recv(size - len(data))
-        if not chunk:
-            raise OSError("connection closed by the milter")
-        data += chunk
-    return data

@@ -298,7 +298,7 @@ def test_a_replaced_config_is_freed_once_its_last_connection_lets_go(config_file
     import weakref
 
     from relaymilter.config import load_config
-    from relaymilter.daemon.milterservice import _retire
+    from relaymilter.daemon.reloading import _retire
 
     config = load_config(str(config_file))
     connection = [config]  # a connection that started before the reload

@@ -246,7 +246,7 @@ def test_a_relay_without_metrics_does_not_need_the_library(tmp_path: Path) -> No
     code = (
         "import sys; sys.modules['prometheus_client'] = None\n"
         "from relaymilter import cli, config\n"
-        "from relaymilter.daemon import milter, milterservice\n"
+        "from relaymilter.milterd import milter, service\n"
         f"config.load_config({str(config)!r})\n"
         "assert cli.main(['check-config', '-c', sys.argv[1]]) == 0\n"
         "assert 'relaymilter.daemon.metrics' not in sys.modules\n"

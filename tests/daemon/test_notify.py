@@ -1,4 +1,4 @@
-"""relaymilter.daemon.notify: sd_notify messages on a fake NOTIFY_SOCKET, and the watchdog's self-check.
+"""relaymilter.daemon.notify: sd_notify messages on a fake NOTIFY_SOCKET, and the milter's self-check.
 
 The first part drives ServiceNotifier against fake milters; the second runs the
 real daemon (``python -m relaymilter run``) as systemd would, with
@@ -17,20 +17,21 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional
+from typing import Callable, Dict, Iterator, List, Optional
 
 import pytest
 
-from relaymilter.daemon.notify import (
-    ServiceNotifier,
-    milter_address,
-    milter_check,
-    watchdog_interval,
-)
+from relaymilter.daemon.notify import ServiceNotifier, socket_address, watchdog_interval
+from relaymilter.milterd.selfcheck import milter_check, milter_self_check
 
 from ..support import REPO, MilterSession, connect_socket, free_port
 
 CONFIG = REPO / "etc" / "relaymilter.yml"
+
+
+def notifier_for(spec: str, status: Callable[[], str]) -> ServiceNotifier:
+    """The milter's notifier, as its service makes it: the self-check on its own socket."""
+    return ServiceNotifier(f"the milter on {spec}", status, milter_self_check(spec))
 
 
 class FakeNotifySocket:
@@ -127,7 +128,7 @@ class FakeMilter:
 
 
 def test_ready_reload_and_stop_messages(systemd: FakeNotifySocket) -> None:
-    notifier = ServiceNotifier("inet:8894@127.0.0.1", lambda: "1 organization; 0 decisions")
+    notifier = notifier_for("inet:8894@127.0.0.1", lambda: "1 organization; 0 decisions")
     notifier.ready()
     assert systemd.receive() == {"READY": "1", "STATUS": "1 organization; 0 decisions"}
     notifier.reloading()
@@ -143,7 +144,7 @@ def test_ready_reload_and_stop_messages(systemd: FakeNotifySocket) -> None:
 
 def test_status_is_one_line_of_utf8_whatever_the_config_says(systemd: FakeNotifySocket) -> None:
     # sdnotify itself would encode latin-1 and silently drop the whole message.
-    notifier = ServiceNotifier("inet:8894@127.0.0.1", lambda: "organization 東京\nmode enforce")
+    notifier = notifier_for("inet:8894@127.0.0.1", lambda: "organization 東京\nmode enforce")
     notifier.ready()
     assert systemd.receive() == {"READY": "1", "STATUS": "organization 東京 mode enforce"}
 
@@ -152,7 +153,7 @@ def test_a_failing_status_callback_does_not_lose_readiness(systemd: FakeNotifySo
     def broken() -> str:
         raise RuntimeError("no config yet")
 
-    ServiceNotifier("inet:8894@127.0.0.1", broken).ready()
+    notifier_for("inet:8894@127.0.0.1", broken).ready()
     assert systemd.receive() == {"READY": "1", "STATUS": "running"}
 
 
@@ -161,7 +162,7 @@ def test_abstract_notify_socket(monkeypatch: pytest.MonkeyPatch) -> None:
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as fake:
         fake.bind("\0" + name)
         monkeypatch.setenv("NOTIFY_SOCKET", "@" + name)
-        ServiceNotifier("inet:8894@127.0.0.1", lambda: "ok").stopping()
+        notifier_for("inet:8894@127.0.0.1", lambda: "ok").stopping()
         fake.settimeout(5)
         assert fake.recv(1024).startswith(b"STOPPING=1\n")
 
@@ -171,7 +172,7 @@ def test_without_systemd_nothing_is_sent_and_nothing_fails(
 ) -> None:
     monkeypatch.delenv("NOTIFY_SOCKET", raising=False)
     monkeypatch.setenv("WATCHDOG_USEC", "1000000")
-    notifier = ServiceNotifier("inet:8894@127.0.0.1", lambda: "ok")
+    notifier = notifier_for("inet:8894@127.0.0.1", lambda: "ok")
     assert not notifier.enabled
     notifier.ready()
     notifier.reloading()
@@ -184,7 +185,7 @@ def test_an_unreachable_notify_socket_is_reported_not_fatal(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     monkeypatch.setenv("NOTIFY_SOCKET", str(tmp_path / "gone.sock"))
-    notifier = ServiceNotifier("inet:8894@127.0.0.1", lambda: "ok")
+    notifier = notifier_for("inet:8894@127.0.0.1", lambda: "ok")
     notifier.ready()
     assert not notifier.enabled
     assert "cannot reach systemd's NOTIFY_SOCKET" in caplog.text
@@ -229,13 +230,13 @@ def test_watchdog_interval(environ: Dict[str, str], expected: Optional[float]) -
 def test_the_watchdog_reaches_the_milter_on_its_own_socket(
     spec: str, family: int, address: object
 ) -> None:
-    assert milter_address(spec) == (family, address)
+    assert socket_address(spec) == (family, address)
 
 
 def test_the_self_check_negotiates_options_then_quits() -> None:
     milter = FakeMilter()
     try:
-        assert milter_check(milter_address(milter.spec), timeout=2) is None
+        assert milter_check(socket_address(milter.spec), timeout=2) is None
         deadline = time.monotonic() + 5
         while len(milter.commands) < 2 and time.monotonic() < deadline:
             time.sleep(0.01)
@@ -247,13 +248,13 @@ def test_the_self_check_negotiates_options_then_quits() -> None:
 def test_the_self_check_fails_on_a_milter_that_does_not_answer() -> None:
     milter = FakeMilter(answer=False)
     try:
-        assert milter_check(milter_address(milter.spec), timeout=0.2) == "no answer within 0.2 s"
+        assert milter_check(socket_address(milter.spec), timeout=0.2) == "no answer within 0.2 s"
     finally:
         milter.close()
 
 
 def test_the_self_check_fails_when_nothing_listens() -> None:
-    problem = milter_check(milter_address(f"inet:{free_port()}@127.0.0.1"), timeout=1)
+    problem = milter_check(socket_address(f"inet:{free_port()}@127.0.0.1"), timeout=1)
     assert problem is not None and "refused" in problem.lower()
 
 
@@ -268,8 +269,8 @@ def test_watchdog_pings_only_while_the_milter_answers(
     monkeypatch.setenv("WATCHDOG_USEC", "200000")  # a ping every 0.1 s
     monkeypatch.setenv("WATCHDOG_PID", str(os.getpid()))
     healthy, silent = FakeMilter(), FakeMilter(answer=False)
-    good = ServiceNotifier(healthy.spec, lambda: "3 decisions")
-    bad = ServiceNotifier(silent.spec, lambda: "stuck")
+    good = notifier_for(healthy.spec, lambda: "3 decisions")
+    bad = notifier_for(silent.spec, lambda: "stuck")
     try:
         assert good.start_watchdog()
         pings = _watchdog_messages(systemd, 0.6)
@@ -278,7 +279,7 @@ def test_watchdog_pings_only_while_the_milter_answers(
         assert pings[0] == {"WATCHDOG": "1", "STATUS": "3 decisions"}
         assert bad.start_watchdog()
         assert _watchdog_messages(systemd, 0.6) == []
-        assert "the milter does not answer" in caplog.text
+        assert f"the milter on {silent.spec} does not answer" in caplog.text
     finally:
         bad.stopping()
         healthy.close()
@@ -291,7 +292,7 @@ def test_the_first_ping_does_not_wait_for_an_interval(
     # WatchdogSec=60: the next ping would be 30 s away, but the first is now.
     monkeypatch.setenv("WATCHDOG_USEC", "60000000")
     milter = FakeMilter()
-    notifier = ServiceNotifier(milter.spec, lambda: "ok")
+    notifier = notifier_for(milter.spec, lambda: "ok")
     try:
         assert notifier.start_watchdog()
         assert systemd.receive(timeout=2) == {"WATCHDOG": "1", "STATUS": "ok"}
@@ -309,7 +310,7 @@ def test_a_check_that_fails_because_the_daemon_is_stopping_is_not_reported(
     # 0.5 s for stopping() before it reports the milter as hung.
     monkeypatch.setenv("WATCHDOG_USEC", "4000000")
     silent = FakeMilter(answer=False)
-    notifier = ServiceNotifier(silent.spec, lambda: "ok")
+    notifier = notifier_for(silent.spec, lambda: "ok")
     try:
         assert notifier.start_watchdog()
         time.sleep(1.25)
@@ -326,14 +327,14 @@ def test_no_watchdog_thread_for_another_process(
 ) -> None:
     monkeypatch.setenv("WATCHDOG_USEC", "200000")
     monkeypatch.setenv("WATCHDOG_PID", str(os.getpid() + 1))
-    assert not ServiceNotifier("inet:8894@127.0.0.1", lambda: "ok").start_watchdog()
+    assert not notifier_for("inet:8894@127.0.0.1", lambda: "ok").start_watchdog()
 
 
 def test_an_uncheckable_socket_still_gets_pings(
     systemd: FakeNotifySocket, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     monkeypatch.setenv("WATCHDOG_USEC", "200000")
-    notifier = ServiceNotifier("fd:3", lambda: "ok")
+    notifier = notifier_for("fd:3", lambda: "ok")
     try:
         assert notifier.start_watchdog()
         assert _watchdog_messages(systemd, 0.4)

@@ -368,7 +368,7 @@ def test_no_reload_news_for_systemd_once_stopping(
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as systemd:
         systemd.bind(path)
         monkeypatch.setenv("NOTIFY_SOCKET", path)
-        notifier = ServiceNotifier("inet:8894@127.0.0.1", lambda: "ok")
+        notifier = ServiceNotifier("the milter on inet:8894@127.0.0.1", lambda: "ok")
         notifier.stopping()
         notifier.reloading()
         notifier.reloaded()

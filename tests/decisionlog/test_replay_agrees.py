@@ -17,10 +17,11 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from relaymilter.config import parse_config
-from relaymilter.daemon.milter import RelayMilter
+from relaymilter.daemon.runtime import Runtime
 from relaymilter.decisionlog.journal import FIELDS_ATTR
 from relaymilter.decisionlog.record import DecisionRecord, from_journal, read_line
 from relaymilter.decisionlog.replay import Replayer
+from relaymilter.milterd.milter import RelayMilter
 
 from ..scenarios import CONFIG
 
@@ -130,7 +131,7 @@ transactions = st.fixed_dictionaries(
 
 
 def run_through_the_milter(transaction: Dict[str, object]) -> None:
-    RelayMilter.current_config = CONFIG_MODEL
+    RelayMilter.runtime = Runtime(CONFIG_MODEL)
     milter = RelayMilter()
     macros: Dict[str, str] = {"{client_addr}": str(transaction["client"]), "i": "4XyZ1"}
     macros.update(transaction["certificate"])  # type: ignore[arg-type]

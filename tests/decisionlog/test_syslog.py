@@ -15,12 +15,13 @@ from typing import Dict, Iterator, List, Optional
 import pytest
 
 from relaymilter.config import parse_config
-from relaymilter.daemon.milter import RelayMilter
+from relaymilter.daemon.runtime import Runtime
 from relaymilter.decisionlog.journal import FIELDS_ATTR
 from relaymilter.decisionlog.logsource import Stats, read_log
 from relaymilter.decisionlog.record import MAX_LINE_BYTES, DecisionRecord
 from relaymilter.decisionlog.replay import replay
 from relaymilter.decisionlog.report import build_report
+from relaymilter.milterd.milter import RelayMilter
 
 from ..scenarios import CONFIG
 from ..syslogd import Rsyslogd
@@ -89,7 +90,7 @@ def to_syslog(rsyslogd: Rsyslogd) -> Iterator[Decisions]:
 def decide_through_the_milter(
     recipients: List[str], macros: Dict[str, str], sender: str = "<" + "\\" * 3000 + "@example.net>"
 ) -> None:
-    RelayMilter.current_config = parse_config(CONFIG, "relaymilter.yml")
+    RelayMilter.runtime = Runtime(parse_config(CONFIG, "relaymilter.yml"))
     milter = RelayMilter()
     milter._ctx = Context(macros)
     milter._protocol = milter._actions = 0

@@ -10,23 +10,27 @@ from __future__ import annotations
 
 import itertools
 import logging
-import threading
 from time import perf_counter
-from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional
+from typing import TYPE_CHECKING, Any, Dict, List, Optional
 
 import Milter
 
-from ..core.domains import strip_envelope
-from ..core.model import ON_ERROR_TEMPFAIL, STALE_SNAPSHOT_REPLY, TEMPFAIL_REPLY, Config, Reply
+from ..core.model import ON_ERROR_TEMPFAIL, STALE_SNAPSHOT_REPLY, TEMPFAIL_REPLY, Reply
 from ..core.networks import IPAddress, parse_client_address
 from ..core.policy import REFUSING_ACTIONS, Decision, Transaction
 from ..core.tlsidentity import certificate_from_mapping, certificate_macros
-from ..decisionlog.journal import FIELDS_ATTR
-from ..decisionlog.logfmt import log_fields, quote
-from ..decisionlog.record import DecisionRecord, QuotedRecord, certificate_fields
+from ..daemon.decisions import (
+    log_decision,
+    log_internal_error,
+    log_stale_snapshot,
+    transaction_record,
+)
+from ..daemon.runtime import Runtime, observe
+from ..decisionlog.logfmt import quote
+from ..decisionlog.record import QuotedRecord
 
 if TYPE_CHECKING:  # imported only with a metrics: section (prometheus_client)
-    from .metrics import Metrics
+    from ..daemon.metrics import Metrics
 
 logger = logging.getLogger("relaymilter")
 
@@ -87,52 +91,18 @@ REJECT: int = Milter.REJECT
 TEMPFAIL: int = Milter.TEMPFAIL
 
 
-def _observe(hook: Callable[..., None], *args: Any) -> None:
-    """Call a metrics hook; its failure is logged and never changes the milter's answer."""
-    try:
-        hook(*args)
-    except Exception:
-        logger.error("metrics: %s failed", getattr(hook, "__name__", hook), exc_info=True)
-
-
-class DecisionCounter:
-    """Decisions so far, for the service status line."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self.total = 0
-        self.rejected = 0
-        self.errors = 0
-
-    def count(self, decision: Optional[Decision]) -> None:
-        with self._lock:
-            if decision is None:
-                self.errors += 1
-                return
-            self.total += 1
-            if decision.action in REFUSING_ACTIONS:
-                self.rejected += 1
-
-    def describe(self) -> str:
-        return f"{self.total} decisions, {self.rejected} rejected, {self.errors} internal errors"
-
-
 class RelayMilter(Milter.Base):  # type: ignore[misc]
     """The milter for one SMTP connection."""
 
-    #: The configuration new connections use; reload swaps this one reference.
-    current_config: Config
+    #: The process's config in force, counts, metrics and snapshot state
+    #: (set by the service before it serves).
+    runtime: Runtime
     #: Whether the milter listens on TCP (inet/inet6) rather than a unix socket.
     stream_socket = False
-    counter = DecisionCounter()
-    #: Prometheus metrics (relaymilter.metrics), when the config has ``metrics:``.
-    metrics: Optional[Metrics] = None
-    #: The snapshot is older than max_snapshot_age (relaymilter.snapshotwatch).
-    snapshot_stale = False
 
     def __init__(self) -> None:
         # Captured once: a reload never changes a connection halfway through.
-        self.config = RelayMilter.current_config
+        self.config = RelayMilter.runtime.config
         self.connection_id = next(_connection_ids)
         self.client_address: Optional[IPAddress] = None
         self.client_label = "unknown"
@@ -143,8 +113,8 @@ class RelayMilter(Milter.Base):  # type: ignore[misc]
         #: The certificate macros of the current transaction, as the MTA sent them.
         self.certificate_macros: Dict[str, str] = {}
         self.failed_in: Optional[str] = None
-        if RelayMilter.metrics is not None:
-            _observe(RelayMilter.metrics.connection_opened)
+        if RelayMilter.runtime.metrics is not None:
+            observe(RelayMilter.runtime.metrics.connection_opened)
 
     # -- negotiation -------------------------------------------------------
 
@@ -174,8 +144,8 @@ class RelayMilter(Milter.Base):  # type: ignore[misc]
             return CONTINUE
         except Exception:
             logger.error("conn=%d negotiate failed", self.connection_id, exc_info=True)
-            if RelayMilter.metrics is not None:
-                _observe(RelayMilter.metrics.internal_error, "negotiate")
+            if RelayMilter.runtime.metrics is not None:
+                observe(RelayMilter.runtime.metrics.internal_error, "negotiate")
             return Milter.ALL_OPTS
 
     # -- callbacks ---------------------------------------------------------
@@ -202,16 +172,17 @@ class RelayMilter(Milter.Base):  # type: ignore[misc]
         return CONTINUE
 
     def envrcpt(self, to: str, *params: str) -> int:
-        metrics = RelayMilter.metrics
+        metrics = RelayMilter.runtime.metrics
         if metrics is None:
             return self._envrcpt(to)
         started = perf_counter()
         answer = self._envrcpt(to, metrics)
-        _observe(metrics.rcpt_seconds, perf_counter() - started)
+        observe(metrics.rcpt_seconds, perf_counter() - started)
         return answer
 
     def _envrcpt(self, to: str, metrics: Optional[Metrics] = None) -> int:
-        if RelayMilter.snapshot_stale and not self.config.monitor_only:
+        runtime = RelayMilter.runtime
+        if runtime.snapshot_stale and not self.config.monitor_only:
             return self._stale_snapshot(to)
         try:
             if self.failed_in is not None:
@@ -226,9 +197,9 @@ class RelayMilter(Milter.Base):  # type: ignore[misc]
                 )
             decision = self.transaction.decide(to, self.getsymval("{rcpt_addr}"))
             self._log_decision(decision, to)
-            RelayMilter.counter.count(decision)
+            runtime.counter.count(decision)
             if metrics is not None:
-                _observe(metrics.decision, self.transaction.attribution, decision)
+                observe(metrics.decision, self.transaction.attribution, decision)
             if decision.action in REFUSING_ACTIONS and decision.reply is not None:
                 return self._refuse(decision.reply)
             return CONTINUE
@@ -236,8 +207,8 @@ class RelayMilter(Milter.Base):  # type: ignore[misc]
             return self._internal_error("envrcpt", to)
 
     def close(self) -> int:
-        if RelayMilter.metrics is not None:
-            _observe(RelayMilter.metrics.connection_closed)
+        if RelayMilter.runtime.metrics is not None:
+            observe(RelayMilter.runtime.metrics.connection_closed)
         return CONTINUE
 
     # -- helpers -----------------------------------------------------------
@@ -268,27 +239,23 @@ class RelayMilter(Milter.Base):  # type: ignore[misc]
             exc_info=True,
         )
         self.failed_in = where
-        if RelayMilter.metrics is not None:
-            _observe(RelayMilter.metrics.internal_error, where)
+        if RelayMilter.runtime.metrics is not None:
+            observe(RelayMilter.runtime.metrics.internal_error, where)
 
     def _internal_error(self, where: str, recipient: str) -> int:
-        logger.error(
-            "conn=%d queue_id=%s client=%s to=%s internal error in %s; answering per on_error=%s",
-            self.connection_id,
-            quote(self._queue_id()),
+        log_internal_error(
+            str(self.connection_id),
+            self._queue_id(),
             self.client_label,
-            quote(f"<{strip_envelope(recipient)}>"),
+            recipient,
             where,
             self.config.on_error,
-            exc_info=True,
-            extra=log_fields(
-                action="tempfail", queue_id=self._queue_id(), client_address=self.client_label
-            ),
         )
-        RelayMilter.counter.count(None)
-        metrics = RelayMilter.metrics
+        runtime = RelayMilter.runtime
+        runtime.counter.count(None)
+        metrics = runtime.metrics
         if metrics is not None:
-            _observe(metrics.internal_error, where)
+            observe(metrics.internal_error, where)
         if self.config.on_error != ON_ERROR_TEMPFAIL:
             return CONTINUE
         if metrics is not None:
@@ -302,59 +269,27 @@ class RelayMilter(Milter.Base):  # type: ignore[misc]
     def _stale_snapshot(self, recipient: str) -> int:
         """No decision on data older than max_snapshot_age: the client retries later."""
         try:
-            queue_id = self._queue_id()
             if self.client_address is None:
                 self._client_from_macro()
-            logger.warning(
-                "conn=%d queue_id=%s client=%s to=%s tempfail: the snapshot is older than "
-                "max_snapshot_age; answering %s",
-                self.connection_id,
-                quote(queue_id),
-                self.client_label,
-                quote(f"<{strip_envelope(recipient)}>"),
-                STALE_SNAPSHOT_REPLY,
-                extra=log_fields(
-                    action="tempfail",
-                    reason="stale-snapshot",
-                    queue_id=queue_id,
-                    client_address=self.client_label,
-                ),
+            log_stale_snapshot(
+                str(self.connection_id), self._queue_id(), self.client_label, recipient
             )
-            if RelayMilter.metrics is not None:
-                _observe(RelayMilter.metrics.stale_snapshot)
+            if RelayMilter.runtime.metrics is not None:
+                observe(RelayMilter.runtime.metrics.stale_snapshot)
             reply = STALE_SNAPSHOT_REPLY
             self.setreply(reply.code, reply.status, reply.text)
         except Exception:
             logger.error("conn=%d stale-snapshot reply failed", self.connection_id, exc_info=True)
         return TEMPFAIL
 
-    def _transaction_record(self) -> DecisionRecord:
-        """The part of the decision record that is the same for every recipient of a transaction."""
-        transaction = self.transaction
-        attribution = transaction.attribution if transaction else None
-        return DecisionRecord(
-            conn=str(self.connection_id),
-            client=self.client_label,
-            organization=attribution.organization.name if attribution else None,
-            connector=attribution.connector_name if attribution else None,
-            kind=attribution.kind if attribution else None,
-            certificate=attribution.certificate_name if attribution else None,
-            sender=transaction.sender.address if transaction else strip_envelope(self.mail_from),
-            config=self.config.identity,
-            **certificate_fields(self.certificate_macros),
-        )
-
     def _log_decision(self, decision: Decision, recipient: str) -> None:
         if self._record is None:
-            self._record = self._transaction_record().quoted()
-        record = self._record.record._replace(
-            queue_id=self._queue_id(),
-            recipient=decision.recipient or strip_envelope(recipient),
-            route=decision.route.describe(),
-            mta_rcpt=decision.resolved,
-            mode=decision.mode,
-            action=decision.action,
-            reason=decision.reason,
-        )
-        # The journal handler builds the fields from the record, only when it writes.
-        logger.info("%s", record.line(self._record), extra={FIELDS_ATTR: record})
+            self._record = transaction_record(
+                str(self.connection_id),
+                self.client_label,
+                self.transaction,
+                self.mail_from,
+                self.config,
+                self.certificate_macros,
+            )
+        log_decision(self._record, decision, self._queue_id(), recipient)
