@@ -97,9 +97,13 @@ def make_certificate(
     issuer_cn: str = "Contoso Issuing CA",
     sans: Sequence[str] = (),
     days: Tuple[int, int] = (-1, 365),
+    key: Optional[ec.EllipticCurvePrivateKey] = None,
 ) -> x509.Certificate:
-    """Write a PEM certificate (its issuer is a throwaway key: trust is the MTA's business)."""
-    key = ec.generate_private_key(ec.SECP256R1())
+    """Write a PEM certificate (its issuer is a throwaway key: trust is the MTA's business).
+
+    ``key``: the subject's key (a new one by default); a renewal may keep it.
+    """
+    key = key or ec.generate_private_key(ec.SECP256R1())
     now = datetime.datetime.now(datetime.timezone.utc)
     builder = (
         x509.CertificateBuilder()

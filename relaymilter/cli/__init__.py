@@ -1,4 +1,4 @@
-"""The ``relaymilter`` command: run, check-config, explain, inspect-cert, report, sync, replay.
+"""The ``relaymilter`` command: run, policy, check-config, explain, inspect-cert, report, ...
 
 Each command is a module of this package with ``NAME``, ``HELP``,
 ``add_arguments(parser)`` and ``main(args) -> int``; ``COMMANDS`` lists them
@@ -13,15 +13,18 @@ import argparse
 from typing import Optional, Sequence
 
 from .. import __version__
-from . import checkconfig, explain, inspectcert, replay, report, run, sync
+from . import checkconfig, explain, inspectcert, policy, replay, report, run, sync
 
-COMMANDS = (run, checkconfig, explain, inspectcert, report, sync, replay)
+COMMANDS = (run, policy, checkconfig, explain, inspectcert, report, sync, replay)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="relaymilter",
-        description="Relay-policy milter: Exchange Online's ATTR36 rule for Postfix and Sendmail.",
+        description=(
+            "Relay-policy milter and Postfix policy service: Exchange Online's ATTR36 rule "
+            "for Postfix and Sendmail."
+        ),
     )
     parser.add_argument("--version", action="version", version=f"relaymilter {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")

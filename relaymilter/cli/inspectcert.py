@@ -55,6 +55,9 @@ def describe(cert: CertificateFile, config: Optional[Config]) -> List[str]:
         f"  DNS SANs:    {', '.join(cert.dns_names) or '-'}",
         f"  valid:       {cert.not_before:{_TIME}} to {cert.not_after:{_TIME}} UTC",
         f"  SHA-256:     {cert.sha256}",
+        # Postfix's policy service sends it (ccert_pubkey_fingerprint): a renewal
+        # with the same key matches the file as this certificate does.
+        f"  public key:  SHA-256 {cert.pubkey_sha256}",
     ]
     warnings = []
     problem = cert.validity_problem()

@@ -21,11 +21,22 @@ class Keys(NamedTuple):
 
 
 ROOT = Keys(
-    ("socket", "mode", "on_error", "reject", "organizations", "metrics", "sources"),
+    (
+        "socket",
+        "mode",
+        "on_error",
+        "reject",
+        "organizations",
+        "metrics",
+        "policy_service",
+        "sources",
+    ),
     required_without_sources=("organizations",),
 )
 REJECT = Keys(("code", "status", "text"))
 METRICS = Keys(("listen", "textfile"))
+#: The Postfix policy service's own socket and metrics (``relaymilter policy``).
+POLICY_SERVICE = Keys(("socket", "metrics"))
 ORGANIZATION = Keys(
     ("name", "accepted_domains", "connectors", "mode"),
     required=("name",),
@@ -109,6 +120,8 @@ MAPPINGS: Dict[str, Keys] = {
     "": ROOT,
     "reject": REJECT,
     "metrics": METRICS,
+    "policy_service": POLICY_SERVICE,
+    "policy_service.metrics": METRICS,
     "organizations[]": ORGANIZATION,
     "organizations[].accepted_domains[]": ACCEPTED_DOMAIN,
     "organizations[].connectors[]": CONNECTOR,

@@ -25,7 +25,14 @@ from .identity import config_identity
 from .merge import merge
 from .organizations import OrganizationParts, OrganizationReader
 from .reader import NodeReader, compose, read_text
-from .service import read_metrics, read_mode, read_on_error, read_reject, read_socket
+from .service import (
+    read_metrics,
+    read_mode,
+    read_on_error,
+    read_policy_service,
+    read_reject,
+    read_socket,
+)
 from .snapshot import SnapshotText, read_snapshot, release_list
 from .sources import read_sources
 
@@ -86,7 +93,8 @@ def read_root(
     mode = read_mode(reader, fields.get("mode"))
     on_error = read_on_error(reader, fields.get("on_error"))
     reject = read_reject(reader, fields.get("reject"))
-    metrics = read_metrics(reader, fields.get("metrics"), socket)
+    metrics = read_metrics(reader, fields.get("metrics"), [("milter socket", socket)])
+    policy_service = read_policy_service(reader, fields.get("policy_service"), socket, metrics)
     organization_reader = OrganizationReader(reader, has_sources)
     parts: List[OrganizationParts] = []
     if "organizations" in fields:
@@ -124,6 +132,7 @@ def read_root(
         certificate_files=files,
         identity=config_identity(reader.text + snapshot_text),
         metrics=metrics,
+        policy_service=policy_service,
         sources=sources,
         snapshot=snapshot,
         monitor_only=monitor_only(mode, organizations),

@@ -1,4 +1,4 @@
-"""The service's own keys: ``socket``, ``mode``, ``on_error``, ``reject`` and ``metrics``."""
+"""The service's own keys: socket, mode, on_error, reject, metrics and policy_service."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import importlib.util
 import ipaddress
 import os
 import re
-from typing import Optional, Tuple
+from typing import Optional, Sequence, Tuple
 
 from yaml.nodes import Node, ScalarNode, SequenceNode
 
@@ -21,6 +21,7 @@ from ..core.model import (
     ON_ERROR_ACCEPT,
     ON_ERROR_TEMPFAIL,
     MetricsSettings,
+    PolicyServiceSettings,
     Reply,
 )
 from . import keys
@@ -30,23 +31,31 @@ from .reader import Field, NodeReader
 MAX_REPLY_TEXT = 900
 
 
+#: (what a socket is, for messages; its spec): the sockets a metrics endpoint must not take.
+Sockets = Sequence[Tuple[str, str]]
+
+
 def read_socket(reader: NodeReader, field: Optional[Field]) -> str:
     if field is None:
         return DEFAULT_SOCKET
-    value = reader.string(field[1], "socket")
+    return _socket(reader, field[1], "socket", "the milter") or DEFAULT_SOCKET
+
+
+def _socket(reader: NodeReader, node: Node, path: str, who: str) -> Optional[str]:
+    value = reader.string(node, path)
     if value is None:
-        return DEFAULT_SOCKET
+        return None
     try:
         spec = parse_socket_spec(value)
     except SocketSpecError as exc:
-        reader.error(field[1], "socket", str(exc))
+        reader.error(node, path, str(exc))
         return value
     if listens_on_all_interfaces(spec):
         reader.warn(
-            field[1],
-            "socket",
+            node,
+            path,
             f"{value!r} listens on all interfaces: any host that reaches port {spec.port} "
-            "can use the milter to test addresses; name 127.0.0.1 (or a unix socket) "
+            f"can use {who} to test addresses; name 127.0.0.1 (or a unix socket) "
             "unless the MTA is on another host, and then firewall the port",
         )
     return value
@@ -156,27 +165,41 @@ def _reply_text_ok(reader: NodeReader, node: Node, text: str) -> bool:
 
 
 def read_metrics(
-    reader: NodeReader, field: Optional[Field], socket: str
+    reader: NodeReader,
+    field: Optional[Field],
+    sockets: Sockets,
+    path: str = "metrics",
+    taken: Optional[MetricsSettings] = None,
 ) -> Optional[MetricsSettings]:
-    """The optional ``metrics:`` section: an HTTP endpoint and/or a textfile."""
+    """A ``metrics:`` section: an HTTP endpoint and/or a textfile.
+
+    ``sockets`` and ``taken`` (another front end's metrics) are what the
+    endpoint must not share.
+    """
     if field is None:
         return None
-    fields = reader.fields(field[1], "metrics", keys.METRICS)
+    fields = reader.fields(field[1], path, keys.METRICS)
     if fields is None:
         return None
     if not fields:
-        reader.error(field[1], "metrics", "set listen, textfile or both (or leave metrics out)")
+        reader.error(field[1], path, "set listen, textfile or both (or leave metrics out)")
         return None
     listen = None
     if "listen" in fields:
-        listen = _metrics_listen(reader, fields["listen"][1], socket)
+        listen = _metrics_listen(reader, fields["listen"][1], sockets, f"{path}.listen")
+        if listen is not None and taken is not None and taken.listen == listen:
+            reader.error(fields["listen"][1], f"{path}.listen", "is the milter's metrics.listen")
     textfile = None
     if "textfile" in fields:
-        textfile = _metrics_textfile(reader, fields["textfile"][1])
+        textfile = _metrics_textfile(reader, fields["textfile"][1], f"{path}.textfile")
+        if textfile is not None and taken is not None and taken.textfile == textfile:
+            reader.error(
+                fields["textfile"][1], f"{path}.textfile", "is the milter's metrics.textfile"
+            )
     if not _have_prometheus_client():
         reader.error(
             field[0],
-            "metrics",
+            path,
             "needs the Python library prometheus_client, which is not installed: "
             "install python3-prometheus-client (Debian, Ubuntu) or "
             "python3-prometheus_client (EPEL), or remove the metrics section",
@@ -192,8 +215,9 @@ def _have_prometheus_client() -> bool:
         return False
 
 
-def _metrics_listen(reader: NodeReader, node: Node, socket: str) -> Optional[Tuple[str, int]]:
-    path = "metrics.listen"
+def _metrics_listen(
+    reader: NodeReader, node: Node, sockets: Sockets, path: str
+) -> Optional[Tuple[str, int]]:
     if isinstance(node, SequenceNode):
         reader.error(node, path, "must be PORT or ADDRESS:PORT (quote an IPv6 one: '[::1]:9099')")
         return None
@@ -234,27 +258,25 @@ def _metrics_listen(reader: NodeReader, node: Node, socket: str) -> Optional[Tup
             "the metrics (organization and connector names, counts); keep it on "
             "127.0.0.1 or firewall the port",
         )
-    _check_metrics_port(reader, node, path, str(address), port, socket)
+    for what, socket in sockets:
+        if _same_port(socket, str(address), port):
+            reader.error(node, path, f"port {port} is the {what}'s ({socket})")
     return str(address), port
 
 
-def _check_metrics_port(
-    reader: NodeReader, node: Node, path: str, host: str, port: int, socket: str
-) -> None:
-    """The endpoint cannot share the milter's own inet socket."""
+def _same_port(socket: str, host: str, port: int) -> bool:
+    """Whether an inet socket and an endpoint (host, port) would take the same port."""
     try:
         spec = parse_socket_spec(socket)
     except SocketSpecError:
-        return
+        return False
     if spec.is_unix or spec.port != port:
-        return
+        return False
     wildcards = (None, "0.0.0.0", "::", "::0")
-    if spec.host in wildcards or host in ("0.0.0.0", "::") or spec.host == host:
-        reader.error(node, path, f"port {port} is the milter socket's ({socket})")
+    return spec.host in wildcards or host in ("0.0.0.0", "::") or spec.host == host
 
 
-def _metrics_textfile(reader: NodeReader, node: Node) -> Optional[str]:
-    path = "metrics.textfile"
+def _metrics_textfile(reader: NodeReader, node: Node, path: str) -> Optional[str]:
     target = reader.relative_path(node, path)
     if target is None:
         return None
@@ -283,3 +305,47 @@ def _metrics_textfile(reader: NodeReader, node: Node) -> Optional[str]:
             "(see relaymilter(8), METRICS)",
         )
     return target
+
+
+# -- policy_service ------------------------------------------------------------
+
+
+def read_policy_service(
+    reader: NodeReader,
+    field: Optional[Field],
+    milter_socket: str,
+    milter_metrics: Optional[MetricsSettings],
+) -> Optional[PolicyServiceSettings]:
+    """The optional ``policy_service:`` section: ``relaymilter policy``'s socket and metrics."""
+    if field is None:
+        return None
+    fields = reader.fields(field[1], "policy_service", keys.POLICY_SERVICE)
+    if fields is None:
+        return None
+    socket = None
+    if "socket" in fields:
+        node = fields["socket"][1]
+        socket = _socket(reader, node, "policy_service.socket", "the policy service")
+        if socket is not None and _same_socket(socket, milter_socket):
+            reader.error(node, "policy_service.socket", f"is the milter's socket ({milter_socket})")
+        elif socket is not None and milter_metrics is not None and milter_metrics.listen:
+            host, port = milter_metrics.listen
+            if _same_port(socket, host, port):
+                reader.error(node, "policy_service.socket", "is the milter's metrics.listen")
+    sockets = [("milter socket", milter_socket)]
+    if socket is not None:
+        sockets.append(("policy service socket", socket))
+    metrics = read_metrics(
+        reader, fields.get("metrics"), sockets, "policy_service.metrics", milter_metrics
+    )
+    return PolicyServiceSettings(socket, metrics)
+
+
+def _same_socket(one: str, other: str) -> bool:
+    try:
+        first, second = parse_socket_spec(one), parse_socket_spec(other)
+    except SocketSpecError:
+        return False
+    if first.is_unix or second.is_unix:
+        return first.is_unix and second.is_unix and first.path == second.path
+    return second.port is not None and _same_port(one, second.host or "0.0.0.0", second.port)

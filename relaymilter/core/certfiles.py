@@ -3,7 +3,10 @@
 Neither MTA passes a client certificate's subjectAltNames to a milter, so a
 connector may list the PEM files of its clients' certificates: when the
 presented certificate is one of them, that file's DNS SANs count as the
-certificate's names.
+certificate's names. A file is known by the digests of the whole certificate
+(Sendmail's ``{cert_fp}``, Postfix's ``ccert_fingerprint``) and by those of its
+public key (Postfix's ``ccert_pubkey_fingerprint``: the DER-encoded
+SubjectPublicKeyInfo), so that a renewal with the same key still matches.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ from dataclasses import dataclass
 from typing import FrozenSet, List, Optional, Tuple
 
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.x509.oid import NameOID
 
 from ..base.safefile import CERTIFICATE_FILE_LIMIT, UnsafeFileError, read_regular_file
@@ -44,6 +47,10 @@ class CertificateFile:
     sha256: str
     #: Lowercase hex digests (MD5, SHA-1, SHA-256, SHA-384, SHA-512).
     fingerprints: FrozenSet[str]
+    #: The SHA-256 digest of the public key (SubjectPublicKeyInfo), as ``sha256`` is written.
+    pubkey_sha256: str = ""
+    #: Lowercase hex digests of the public key, in the same algorithms.
+    pubkey_fingerprints: FrozenSet[str] = frozenset()
 
     @property
     def self_signed(self) -> bool:
@@ -85,11 +92,30 @@ def _dns_names(cert: x509.Certificate) -> Tuple[str, ...]:
     return tuple(extension.value.get_values_for_type(x509.DNSName))
 
 
+def _digests(data: bytes) -> FrozenSet[str]:
+    found = set()
+    for algorithm in _FINGERPRINT_ALGORITHMS:
+        digest = hashes.Hash(algorithm())
+        digest.update(data)
+        found.add(digest.finalize().hex())
+    return frozenset(found)
+
+
+def public_key_info(cert: x509.Certificate) -> bytes:
+    """The certificate's SubjectPublicKeyInfo, DER-encoded: what Postfix digests."""
+    return cert.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+
+
 def describe_certificate(cert: x509.Certificate, path: str) -> CertificateFile:
     """Extract the identifying parts of a parsed certificate."""
     fingerprints = frozenset(
         cert.fingerprint(algorithm()).hex() for algorithm in _FINGERPRINT_ALGORITHMS
     )
+    key = public_key_info(cert)
+    key_digest = hashes.Hash(hashes.SHA256())
+    key_digest.update(key)
     return CertificateFile(
         path=path,
         subject=cert.subject.rfc4514_string(),
@@ -102,6 +128,8 @@ def describe_certificate(cert: x509.Certificate, path: str) -> CertificateFile:
         not_after=_utc(cert, "not_valid_after"),
         sha256=cert.fingerprint(hashes.SHA256()).hex(":").upper(),
         fingerprints=fingerprints,
+        pubkey_sha256=key_digest.finalize().hex(":").upper(),
+        pubkey_fingerprints=_digests(key),
     )
 
 

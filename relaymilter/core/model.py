@@ -188,23 +188,32 @@ class CertificateFileIndex:
 
     def __init__(self, files: List[CertificateFile]) -> None:
         self._by_fingerprint: Dict[str, CertificateFile] = {}
+        self._by_pubkey: Dict[str, List[CertificateFile]] = {}
         self._by_names: Dict[Tuple[str, str], List[CertificateFile]] = {}
         for cert in files:
             for digest in cert.fingerprints:
                 self._by_fingerprint.setdefault(digest, cert)
+            for digest in cert.pubkey_fingerprints:
+                self._by_pubkey.setdefault(digest, []).append(cert)
             if cert.subject_cn and cert.issuer_cn:
                 key = (cert.subject_cn.casefold(), cert.issuer_cn.casefold())
                 self._by_names.setdefault(key, []).append(cert)
 
     def find(self, presented: PresentedCertificate) -> List[CertificateFile]:
-        """By fingerprint where the MTA sent one (Sendmail), else by subject and issuer CN.
+        """By the digests the MTA sent, else by subject and issuer CN.
 
-        By names (Postfix) every matching file counts: an old and a renewed
-        certificate of one host share their CNs but may differ in their SANs.
+        Sendmail sends the certificate's digest, Postfix's policy service that
+        and the public key's: the certificate itself, else every file with the
+        same key (a renewal that kept its key). Only without a digest (Postfix's
+        milter macros) do names decide; then every matching file counts: an old
+        and a renewed certificate of one host share their CNs but may differ in
+        their SANs.
         """
-        if presented.fingerprint:
-            known = self._by_fingerprint.get(presented.fingerprint)
-            return [known] if known is not None else []
+        if presented.fingerprint or presented.pubkey_fingerprint:
+            known = self._by_fingerprint.get(presented.fingerprint or "")
+            if known is not None:
+                return [known]
+            return list(self._by_pubkey.get(presented.pubkey_fingerprint or "", ()))
         if presented.subject_cn and presented.issuer_cn:
             key = (presented.subject_cn.casefold(), presented.issuer_cn.casefold())
             return self._by_names.get(key, [])
@@ -222,6 +231,16 @@ class MetricsSettings:
 
 
 @dataclass(frozen=True)
+class PolicyServiceSettings:
+    """The ``policy_service:`` section: what ``relaymilter policy`` listens on and serves."""
+
+    #: Where it listens when systemd does not hand it a socket; None: nowhere of its own.
+    socket: Optional[str] = None
+    #: Its own metrics (the milter's are the top-level ``metrics:``).
+    metrics: Optional[MetricsSettings] = None
+
+
+@dataclass(frozen=True)
 class Config:
     """A complete, validated configuration."""
 
@@ -236,6 +255,8 @@ class Config:
     identity: str = "-"
     #: The ``metrics:`` section; None without it (nothing listens, nothing is written).
     metrics: Optional[MetricsSettings] = None
+    #: The ``policy_service:`` section; None without it.
+    policy_service: Optional[PolicyServiceSettings] = None
     #: The ``sources:`` section; None without it (the config file is all there is).
     sources: Optional[SourcesSettings] = None
     #: The snapshot as loaded: its file's identity, to notice when sync replaces it.

@@ -6,6 +6,12 @@ DNs in ``{cert_subject}``/``{cert_issuer}`` (with OpenSSL 3's backslash escapes)
 ``{cn_subject}``/``{cn_issuer}``, ``{verify}`` and a fingerprint in ``{cert_fp}``
 or ``{cert_md5}``, for every presented certificate, verified or not.
 
+Postfix's policy service protocol gives the same CNs (``ccert_subject``,
+``ccert_issuer``, only for a verified chain) and the digests of the certificate
+and of its public key; the policy front end hands them over under the names
+above, the public key's as ``{cert_pubkey_fp}`` (``PUBKEY_FINGERPRINT``, a name
+no MTA sends).
+
 Trust fails closed: a bare CN (Postfix's form) is trusted unless a ``{verify}``
 other than ``OK`` came with it; a DN (Sendmail's form, starting with ``/``) is
 trusted only with ``{verify}`` = ``OK``.
@@ -28,6 +34,9 @@ CERTIFICATE_MACROS = (
     "{cert_md5}",
 )
 
+#: Where the public key's digest (Postfix's ccert_pubkey_fingerprint) travels with the macros.
+PUBKEY_FINGERPRINT = "{cert_pubkey_fp}"
+
 _XTEXT = re.compile(rb"\+([0-9A-Fa-f]{2})")
 _HEX = re.compile(r"^[0-9a-f]+$")
 
@@ -42,6 +51,8 @@ class PresentedCertificate:
     #: Lowercase hex digits without separators, or None.
     fingerprint: Optional[str]
     trusted: bool
+    #: The public key's digest, as ``fingerprint`` (Postfix's policy service only).
+    pubkey_fingerprint: Optional[str] = None
 
 
 def xtext_decode(value: str) -> bytes:
@@ -112,6 +123,7 @@ def certificate_from_macros(
     verify = getsymval("{verify}") or None
     issuer = getsymval("{cert_issuer}")
     fingerprint = normalize_fingerprint(getsymval("{cert_fp}") or getsymval("{cert_md5}"))
+    pubkey_fingerprint = normalize_fingerprint(getsymval(PUBKEY_FINGERPRINT))
     if subject.startswith("/"):
         subject_cn = _decoded(getsymval("{cn_subject}")) or dn_attribute(subject, "CN")
         issuer_cn = _decoded(getsymval("{cn_issuer}"))
@@ -123,6 +135,7 @@ def certificate_from_macros(
             issuer_cn=issuer_cn,
             fingerprint=fingerprint,
             trusted=verify == "OK",
+            pubkey_fingerprint=pubkey_fingerprint,
         )
     return PresentedCertificate(
         subject=subject,
@@ -130,6 +143,7 @@ def certificate_from_macros(
         issuer_cn=issuer or None,
         fingerprint=fingerprint,
         trusted=verify is None or verify == "OK",
+        pubkey_fingerprint=pubkey_fingerprint,
     )
 
 

@@ -18,6 +18,7 @@ from typing import Dict, Mapping, NamedTuple, Optional, Tuple
 
 from ..core.model import MODES
 from ..core.policy import ACTIONS, REASONS
+from ..core.tlsidentity import PUBKEY_FINGERPRINT
 from .logfmt import BARE, FIELD, FIELD_SEQUENCE, MAX_VALUE_BYTES, left_out, quote, unquote
 
 #: The word that starts a decision line's message.
@@ -42,6 +43,8 @@ class DecisionRecord(NamedTuple):
     cn_subject: Optional[str] = None
     cn_issuer: Optional[str] = None
     cert_fp: Optional[str] = None
+    #: Postfix's ccert_pubkey_fingerprint (the policy service only).
+    cert_pubkey_fp: Optional[str] = None
     #: The envelope sender without angle brackets ("" for the null sender).
     sender: Optional[str] = None
     recipient: Optional[str] = None
@@ -108,6 +111,7 @@ FIELDS: Tuple[Tuple[str, str, str], ...] = (
     ("cn_subject", "cn_subject", "CN_SUBJECT"),
     ("cn_issuer", "cn_issuer", "CN_ISSUER"),
     ("cert_fp", "cert_fp", "CERT_FINGERPRINT"),
+    ("cert_pubkey_fp", "cert_pubkey_fp", "CERT_PUBKEY_FINGERPRINT"),
     ("sender", "from", "SENDER"),
     ("recipient", "to", "RECIPIENT"),
     ("route", "route", "ROUTE"),
@@ -126,6 +130,7 @@ CERTIFICATE_FIELDS: Tuple[Tuple[str, str], ...] = (
     ("cn_subject", "{cn_subject}"),
     ("cn_issuer", "{cn_issuer}"),
     ("cert_fp", "{cert_fp}"),
+    ("cert_pubkey_fp", PUBKEY_FINGERPRINT),
 )
 
 

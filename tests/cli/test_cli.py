@@ -154,6 +154,7 @@ def test_inspect_cert(tmp_path: Path) -> None:
     assert "  issuer CN:   Contoso Issuing CA\n" in out
     assert "  DNS SANs:    mail.contoso.com, autodiscover.fabrikam.net\n" in out
     assert "  SHA-256:     " in out
+    assert "  public key:  SHA-256 " in out
     assert "  name mail.contoso.com: contoso/onprem-cert\n" in out
     assert "  name autodiscover.fabrikam.net: matches no connector\n" in out
     assert (

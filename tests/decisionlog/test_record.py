@@ -82,10 +82,24 @@ def test_the_line_for_the_usual_refusal() -> None:
     assert record.line() == (
         "decision conn=7 queue_id=NOQUEUE client=192.0.2.7 organization=contoso "
         "connector=onprem-ip kind=ip certificate=- cert_subject=- cert_issuer=- verify=- "
+        "cn_subject=- cn_issuer=- cert_fp=- cert_pubkey_fp=- from=<> to=<kate@tailspintoys.com> "
+        "route=tailspintoys.com mta_rcpt=- mode=enforce config=66f53246dec3 action=reject "
+        "reason=attr36"
+    )
+
+
+def test_a_line_from_before_the_public_key_field_reads_back() -> None:
+    line = (
+        "decision conn=7 queue_id=NOQUEUE client=192.0.2.7 organization=contoso "
+        "connector=onprem-ip kind=ip certificate=- cert_subject=- cert_issuer=- verify=- "
         "cn_subject=- cn_issuer=- cert_fp=- from=<> to=<kate@tailspintoys.com> "
         "route=tailspintoys.com mta_rcpt=- mode=enforce config=66f53246dec3 action=reject "
         "reason=attr36"
     )
+    found = read_line(line)
+    assert found is not None
+    record, _ = found
+    assert record.cert_pubkey_fp is None and record.reason == "attr36"
 
 
 def test_a_spoofing_recipient_stays_one_field() -> None:
