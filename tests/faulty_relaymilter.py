@@ -1,29 +1,27 @@
 """relaymilter with an injected fault: any recipient containing "boom" raises inside the policy.
 
-The daemon, libmilter and the socket are the real ones; only Transaction.decide is wrapped,
-so the test sees what an MTA would get from a genuine internal error.
+The daemon (the milter's or the policy service's), libmilter and the socket
+are the real ones; only Transaction.judge is wrapped, so the test sees what an
+MTA would get from a genuine internal error.
 """
 
 from __future__ import annotations
 
 import sys
-from typing import Optional
 
 from relaymilter import cli
 from relaymilter.core import policy
 
-_decide = policy.Transaction.decide
+_judge = policy.Transaction.judge
 
 
-def _faulty_decide(
-    self: policy.Transaction, rcpt_to: str, resolved: Optional[str] = None
-) -> policy.Decision:
-    if "boom" in rcpt_to:
+def _faulty_judge(self: policy.Transaction, recipient: policy.Recipient) -> policy.Decision:
+    if "boom" in recipient.address:
         raise RuntimeError("injected fault")
-    return _decide(self, rcpt_to, resolved)
+    return _judge(self, recipient)
 
 
-policy.Transaction.decide = _faulty_decide  # type: ignore[method-assign]
+policy.Transaction.judge = _faulty_judge  # type: ignore[method-assign]
 
 if __name__ == "__main__":
     sys.exit(cli.main(sys.argv[1:]))

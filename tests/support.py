@@ -166,7 +166,7 @@ def wait_for_socket(spec: str, process: subprocess.Popen[bytes], deadline: float
 
 
 class Daemon:
-    """A running ``relaymilter run``, its socket and its log."""
+    """A running ``relaymilter run`` (or ``policy``: see ``argv``), its socket and its log."""
 
     def __init__(self, config: Path, spec: str, log: Path, argv: Optional[List[str]] = None):
         self.config, self.spec, self.log_path = config, spec, log
@@ -347,4 +347,59 @@ class MilterSession:
     def close(self) -> None:
         with contextlib.suppress(OSError):
             self.conn._send(mc.SMFIC_QUIT)
+        self.sock.close()
+
+
+class PolicyClient:
+    """Postfix's side of the policy protocol: requests of ``name=value`` lines, one reply each."""
+
+    def __init__(self, spec: str, timeout: float = 10.0) -> None:
+        self.sock = connect_socket(spec, timeout)
+        self.buffer = b""
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def request(self, **attributes: str) -> str:
+        """Send one request (``request=smtpd_access_policy`` first) and return its action."""
+        lines = ["request=smtpd_access_policy", *(f"{k}={v}" for k, v in attributes.items())]
+        self.send(("\n".join(lines) + "\n\n").encode("utf-8", "surrogateescape"))
+        return self.reply()
+
+    def reply(self) -> str:
+        while b"\n\n" not in self.buffer:
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                raise ConnectionError("the policy service closed the connection")
+            self.buffer += chunk
+        reply, _, self.buffer = self.buffer.partition(b"\n\n")
+        name, _, action = reply.decode("utf-8").partition("=")
+        assert name == "action", reply
+        return action
+
+    def rcpt(self, client: str, sender: str, recipient: str, **more: str) -> str:
+        """A RCPT TO check, as Postfix's smtpd_relay_restrictions asks it."""
+        attributes = {
+            "protocol_state": "RCPT",
+            "protocol_name": "ESMTP",
+            "client_address": client,
+            "sender": sender,
+            "recipient": recipient,
+            "instance": more.pop("instance", "1.2.3"),
+            "queue_id": more.pop("queue_id", ""),
+            **more,
+        }
+        return self.request(**attributes)
+
+    def closed_by_peer(self, timeout: float = 10.0) -> bool:
+        """Whether the service closes this connection (without a reply) within ``timeout``."""
+        self.sock.settimeout(timeout)
+        try:
+            return self.sock.recv(1) == b""
+        except ConnectionResetError:
+            return True
+        except socket.timeout:
+            return False
+
+    def close(self) -> None:
         self.sock.close()

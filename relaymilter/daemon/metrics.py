@@ -112,12 +112,13 @@ class Metrics:
         )
         self.connections = Counter(
             "relaymilter_connections",
-            "Milter connections opened by the MTA (one per SMTP connection).",
+            "Connections opened by the MTA: the milter's, one per SMTP connection; "
+            "the policy service's, one per smtpd process, reused for many.",
             registry=registry,
         )
         self.connections_in_progress = Gauge(
             "relaymilter_connections_in_progress",
-            "Milter connections open now.",
+            "Connections from the MTA open now.",
             registry=registry,
         )
         self.config_loads = Counter(

@@ -143,10 +143,12 @@ class PolicyService(Service):
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {RELOAD_SIGNAL, *STOP_SIGNALS})
         connections = PolicyServer(runtime, loop)
         listening.setblocking(False)
+        factory = connections.protocol_factory()
+        # asyncio listens again with its own backlog (100 by default): ours.
         if listening.family == socket.AF_UNIX:
-            server = await loop.create_unix_server(connections.protocol_factory(), sock=listening)
+            server = await loop.create_unix_server(factory, sock=listening, backlog=BACKLOG)
         else:
-            server = await loop.create_server(connections.protocol_factory(), sock=listening)
+            server = await loop.create_server(factory, sock=listening, backlog=BACKLOG)
         connections.start_sweeps()
         await stopped.wait()
         server.close()
