@@ -542,3 +542,52 @@ def test_a_config_path_that_is_a_fifo_is_refused_at_once(tmp_path: Path) -> None
     with pytest.raises(ConfigError) as info:
         load_config(str(fifo))
     assert "FIFO" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("section", "expected"),
+    [
+        (
+            "policy_service:\n  socket: inet:8894@127.0.0.1\n",
+            "relaymilter.yml:2: policy_service.socket: is the milter's socket "
+            "(inet:8894@127.0.0.1)",
+        ),
+        (
+            "policy_service:\n  socket: unix:relative.sock\n",
+            "relaymilter.yml:2: policy_service.socket: 'unix:relative.sock': the unix socket "
+            "path must be absolute",
+        ),
+        (
+            "policy_service:\n  listen: 9100\n",
+            "relaymilter.yml:2: policy_service.listen: unknown key (allowed: socket, metrics)",
+        ),
+        (
+            "policy_service:\n  socket: inet:9100@127.0.0.1\n  metrics:\n    listen: 9100\n",
+            "relaymilter.yml:4: policy_service.metrics.listen: port 9100 is the policy service "
+            "socket's (inet:9100@127.0.0.1)",
+        ),
+        (
+            "metrics:\n  listen: 9099\npolicy_service:\n  metrics:\n    listen: 9099\n",
+            "relaymilter.yml:5: policy_service.metrics.listen: is the milter's metrics.listen",
+        ),
+        (
+            "metrics:\n  listen: 9099\npolicy_service:\n  socket: inet:9099@127.0.0.1\n",
+            "relaymilter.yml:4: policy_service.socket: is the milter's metrics.listen",
+        ),
+    ],
+    ids=["milter-socket", "relative", "unknown-key", "own-socket", "milter-metrics", "port"],
+)
+def test_the_policy_service_section(section: str, expected: str) -> None:
+    assert expected in errors_of(section + MINIMAL)
+
+
+def test_the_policy_service_section_read() -> None:
+    config = parse_config(
+        MINIMAL + "policy_service:\n  socket: unix:/run/p.sock\n  metrics:\n    listen: 9100\n",
+        "relaymilter.yml",
+    )
+    assert config.policy_service is not None
+    assert config.policy_service.socket == "unix:/run/p.sock"
+    assert config.policy_service.metrics is not None
+    assert config.policy_service.metrics.listen == ("127.0.0.1", 9100)
+    assert parse_config(MINIMAL, "relaymilter.yml").policy_service is None
