@@ -20,8 +20,9 @@ import os
 import signal
 import socket
 import stat
+import sys
 import threading
-from typing import Optional
+from typing import Any, Dict, Optional
 
 from ..base.socketspec import SocketSpec
 from ..core.model import Config, MetricsSettings
@@ -37,6 +38,14 @@ logger = logging.getLogger("relaymilter")
 LISTEN_FDS_START = 3
 #: Connections the kernel queues while the loop is busy: Postfix's smtpd processes connect at once.
 BACKLOG = 512
+#: How asyncio serves a unix socket. Python 3.13's asyncio, by default, stats the
+#: socket's path at start and removes the file when the server closes: the
+#: file is systemd's (relaymilter-policy.socket keeps listening on it) or the
+#: service's own, removed on a clean stop as the milter's; and in Postfix's
+#: private/ (0700 postfix) the stat fails, which stopped the service at start.
+UNIX_SERVER_OPTIONS: Dict[str, Any] = {"backlog": BACKLOG}
+if sys.version_info >= (3, 13):
+    UNIX_SERVER_OPTIONS["cleanup_socket"] = False
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR2, signal.SIGHUP)
 RELOAD_SIGNAL = signal.SIGUSR1
 
@@ -146,7 +155,7 @@ class PolicyService(Service):
         factory = connections.protocol_factory()
         # asyncio listens again with its own backlog (100 by default): ours.
         if listening.family == socket.AF_UNIX:
-            server = await loop.create_unix_server(factory, sock=listening, backlog=BACKLOG)
+            server = await loop.create_unix_server(factory, sock=listening, **UNIX_SERVER_OPTIONS)
         else:
             server = await loop.create_server(factory, sock=listening, backlog=BACKLOG)
         connections.start_sweeps()

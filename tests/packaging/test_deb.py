@@ -34,6 +34,7 @@ from .conftest import (
     wait_for_log,
 )
 from .container import Guest
+from .test_policy_unit import POLICY, REFUSAL, SOCKET_PATH, SOCKET_UNIT, ask
 
 pytestmark = pytest.mark.packaging
 
@@ -46,6 +47,8 @@ INSTALLED_PATHS = [
     UNIT,
     "/usr/lib/systemd/system/relaymilter-sync.service",
     "/usr/lib/systemd/system/relaymilter-sync.timer",
+    "/usr/lib/systemd/system/relaymilter-policy.service",
+    "/usr/lib/systemd/system/relaymilter-policy.socket",
     "/usr/lib/sysusers.d/relaymilter.conf",
     "/usr/lib/python3/dist-packages/relaymilter/__init__.py",
     "/usr/share/man/man8/relaymilter.8.gz",
@@ -54,6 +57,9 @@ INSTALLED_PATHS = [
 ]
 EXAMPLES = {
     "etc/postfix/main.cf.relaymilter": "/usr/share/doc/relaymilter/examples/main.cf.relaymilter",
+    "etc/postfix/main.cf.relaymilter-policy": (
+        "/usr/share/doc/relaymilter/examples/main.cf.relaymilter-policy"
+    ),
     "etc/sendmail/relaymilter.mc": "/usr/share/doc/relaymilter/examples/relaymilter.mc",
     **{
         source: "/usr/share/doc/relaymilter/examples/" + source.rsplit("/", 1)[1]
@@ -157,6 +163,13 @@ def test_installs_user_config_unit_and_socket_directory(installed: Guest) -> Non
     assert installed.prop("relaymilter.service", "ActiveState") == "active"
     # The socket directory in Postfix's chroot: the guest has Postfix.
     assert stat(installed, CHROOT_DIR) == ["2750", "relaymilter", "postfix"]
+    # The policy service is the admin's choice: installed, neither enabled nor
+    # started, nothing put in Postfix's private/ directory.
+    for unit in (SOCKET_UNIT, POLICY):
+        enabled = installed.run("systemctl", "is-enabled", unit, check=False).stdout.strip()
+        assert enabled == "disabled", unit
+        assert installed.prop(unit, "ActiveState") == "inactive", unit
+    assert not installed.exists(SOCKET_PATH)
 
 
 def test_check_config_as_the_service_user(installed: Guest) -> None:
@@ -320,6 +333,11 @@ def test_edited_config_survives_reinstall_and_upgrade_and_purge_leaves_nothing(
 ) -> None:
     edited = installed.read(CONF) + "# edited by the admin\n"
     installed.write(CONF, edited)
+    # The admin enabled the policy service's socket, and Postfix has used it.
+    installed.run("systemctl", "enable", "--now", SOCKET_UNIT)
+    assert ask(installed) == REFUSAL
+    policy_pid = installed.prop(POLICY, "MainPID")
+    listening_since = installed.prop(SOCKET_UNIT, "ActiveEnterTimestampMonotonic")
     installed.run(*APT_INSTALL, "--reinstall", GUEST_DEB, timeout=300)
     assert installed.read(CONF) == edited
 
@@ -331,6 +349,15 @@ def test_edited_config_survives_reinstall_and_upgrade_and_purge_leaves_nothing(
     assert stat(installed, CONF) == ["640", "root", "relaymilter"]
     # The upgrade restarted the daemon on the edited configuration.
     assert installed.prop("relaymilter.service", "ActiveState") == "active"
+    # It restarted the policy service too, on the socket systemd kept
+    # listening on all along: Postfix never found it missing.
+    assert installed.props(POLICY, "ActiveState", "TriggeredBy") == {
+        "ActiveState": "active",
+        "TriggeredBy": SOCKET_UNIT,
+    }
+    assert installed.prop(POLICY, "MainPID") not in ("0", policy_pid)
+    assert installed.prop(SOCKET_UNIT, "ActiveEnterTimestampMonotonic") == listening_since
+    assert ask(installed) == REFUSAL
 
     # A leftover of a manual run, as purge may find it.
     installed.sh("mkdir -p /run/relaymilter && touch /run/relaymilter/relaymilter.sock")
@@ -354,6 +381,9 @@ def test_edited_config_survives_reinstall_and_upgrade_and_purge_leaves_nothing(
             "/etc/relaymilter",
             "/etc/systemd/system/multi-user.target.wants/relaymilter.service",
             "/etc/systemd/system/timers.target.wants/relaymilter-sync.timer",
+            "/etc/systemd/system/sockets.target.wants/relaymilter-policy.socket",
+            SOCKET_PATH,
+            "/run/relaymilter-policy",
             "/var/lib/relaymilter",
             "/usr/lib/python3/dist-packages/relaymilter",
             "/usr/share/doc/relaymilter",
@@ -364,8 +394,9 @@ def test_edited_config_survives_reinstall_and_upgrade_and_purge_leaves_nothing(
     ]
     assert left == []
     assert installed.prop("relaymilter.service", "LoadState") == "not-found"
-    timer = installed.props("relaymilter-sync.timer", "LoadState", "ActiveState")
-    assert timer == {"LoadState": "not-found", "ActiveState": "inactive"}, timer
+    for unit in ("relaymilter-sync.timer", SOCKET_UNIT, POLICY):
+        props = installed.props(unit, "LoadState", "ActiveState")
+        assert props == {"LoadState": "not-found", "ActiveState": "inactive"}, (unit, props)
     processes = installed.run("pgrep", "-u", "relaymilter", check=False).stdout.split()
     assert processes == []
     # Debian policy: the system user stays (files it owned may remain).

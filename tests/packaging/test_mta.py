@@ -2,11 +2,12 @@
 
 One guest per release, of its own (the MTA switch would disturb the other
 modules' guest): the .deb installed, then Postfix set up with the shipped
-main.cf snippet, then Debian's ``sendmail`` package installed in its place
-(offline, from the tree's apt cache) and set up as docs/sendmail.md says:
-Debian's stock ``/etc/mail/tls/starttls.m4``, the shipped snippet after it.
-Through each, from the guest's loopback (a real TLS client certificate from
-the end-to-end tests' PKI):
+main.cf snippet for the milter, then with the policy service's snippet and
+relaymilter-policy.socket enabled instead, then Debian's ``sendmail`` package
+installed in its place (offline, from the tree's apt cache) and set up as
+docs/sendmail.md says: Debian's stock ``/etc/mail/tls/starttls.m4``, the
+shipped snippet after it. Through each, from the guest's loopback (a real TLS
+client certificate from the end-to-end tests' PKI):
 
 - a bounce from an IP connector's address, without a certificate: refused, 550 5.7.64;
 - an owned sender (``alice@contoso.com``) from there: accepted;
@@ -37,6 +38,11 @@ SMTP_PORT = 25
 PKI_DIR = "/etc/relaymilter-test-pki"
 SNIPPETS = "/usr/share/doc/relaymilter/examples"
 UNIX_SOCKET = "unix:/run/relaymilter/relaymilter.sock"
+MILTER = "relaymilter.service"
+POLICY = "relaymilter-policy.service"
+POLICY_SOCKET = "relaymilter-policy.socket"
+#: main.cf as the base tree has it, before any snippet.
+MAIN_CF_BEFORE = "/root/main.cf.before-relaymilter"
 
 CONFIG = f"""\
 socket: {{socket}}
@@ -77,8 +83,8 @@ class Relay:
 
         return self.guest.in_network(session)
 
-    def decisions(self, mark: str) -> List[DecisionRecord]:
-        entries = self.guest.journal_entries(mark, "-u", "relaymilter.service")
+    def decisions(self, mark: str, unit: str = MILTER) -> List[DecisionRecord]:
+        entries = self.guest.journal_entries(mark, "-u", unit)
         parsed = (read_line(str(entry.get("MESSAGE", ""))) for entry in entries)
         return [found[0] for found in parsed if found is not None]
 
@@ -99,6 +105,7 @@ def relay(deb: Build, release: str, tmp_path_factory: pytest.TempPathFactory) ->
             times["boot"] = guest.boot_seconds or 0
             guest.copy_in(deb.package, GUEST_DEB)
             guest.run(*APT_INSTALL, GUEST_DEB, timeout=300)
+            guest.run("cp", "-p", "/etc/postfix/main.cf", MAIN_CF_BEFORE)
             _install_pki(guest, pki)
             container.log(f"MTA guest ({release}) ready in {time.monotonic() - started:.1f} s")
             yield Relay(guest, pki)
@@ -123,12 +130,11 @@ def _pki_file(pki: e2e_pki.Pki, name: str) -> Path:
     return files[name]
 
 
-@pytest.fixture(scope="module")
-def postfix(relay: Relay) -> Relay:
-    """The release's Postfix with the shipped main.cf snippet, as docs/postfix.md says."""
+def _postfix_with(relay: Relay, snippet: str) -> None:
+    """The release's Postfix with one shipped main.cf snippet, as docs/postfix.md says."""
     guest = relay.guest
-    relay.configure_relaymilter("inet:8894@127.0.0.1")  # the snippet's socket
-    guest.sh(f"cat {SNIPPETS}/main.cf.relaymilter >> /etc/postfix/main.cf")
+    guest.run("cp", "-p", MAIN_CF_BEFORE, "/etc/postfix/main.cf")
+    guest.sh(f"cat {SNIPPETS}/{snippet} >> /etc/postfix/main.cf")
     guest.run("cp", f"{PKI_DIR}/contoso-issuing-ca.pem", "/etc/postfix/relaymilter-client-ca.pem")
     # The relay's own certificate (an admin's is there already), and mail for
     # the Internet handed to smtp (the base tree's "Local only" Postfix refuses it).
@@ -143,6 +149,26 @@ def postfix(relay: Relay) -> Relay:
     guest.run("postfix", "check")
     guest.run("systemctl", "restart", "postfix")
     container.wait_for(lambda: _banner(relay), 30, "Postfix to answer on port 25")
+
+
+@pytest.fixture(scope="module")
+def postfix(relay: Relay) -> Relay:
+    """Postfix with the milter's snippet: relaymilter.service on its TCP socket."""
+    relay.configure_relaymilter("inet:8894@127.0.0.1")  # the snippet's socket
+    _postfix_with(relay, "main.cf.relaymilter")
+    return relay
+
+
+@pytest.fixture(scope="module")
+def postfix_policy(relay: Relay) -> Relay:
+    """Postfix with the policy service's snippet instead, and the admin's one step for it.
+
+    The milter still runs (both front ends may, on one relay), but main.cf no
+    longer names it: every decision is the policy service's.
+    """
+    relay.configure_relaymilter("inet:8894@127.0.0.1")
+    relay.guest.run("systemctl", "enable", "--now", POLICY_SOCKET)
+    _postfix_with(relay, "main.cf.relaymilter-policy")
     return relay
 
 
@@ -151,6 +177,8 @@ def sendmail(relay: Relay) -> Relay:
     """Debian's Sendmail in Postfix's place, relaymilter on the snippet's unix socket."""
     guest = relay.guest
     relay.configure_relaymilter(UNIX_SOCKET)
+    # Postfix goes: so does the policy service's socket in its private/.
+    guest.run("systemctl", "disable", "--now", POLICY_SOCKET, POLICY)
     # Debian 13's postfix leaves its master running when sendmail replaces it.
     guest.run("systemctl", "stop", "postfix")
     # Offline: the base tree has the sendmail packages in its apt cache.
@@ -182,7 +210,7 @@ def _banner(relay: Relay) -> Optional[bool]:
     return relay.guest.in_network(connect)
 
 
-def _check_the_three(relay: Relay) -> None:
+def _check_the_three(relay: Relay, unit: str = MILTER) -> None:
     mark = relay.guest.mark()
     bounce = relay.send("")
     owned = relay.send(OWNED)
@@ -194,7 +222,7 @@ def _check_the_three(relay: Relay) -> None:
     assert certified.tls_version is not None, certified.starttls
     assert certified.rcpts[OUTSIDE].code == 250, certified
     decisions = container.wait_for(
-        lambda: relay.decisions(mark) if len(relay.decisions(mark)) >= 3 else None,
+        lambda: relay.decisions(mark, unit) if len(relay.decisions(mark, unit)) >= 3 else None,
         15,
         "three decision lines",
     )
@@ -207,6 +235,15 @@ def _check_the_three(relay: Relay) -> None:
 
 def test_postfix_with_the_shipped_snippet(postfix: Relay) -> None:
     _check_the_three(postfix)
+
+
+def test_postfix_with_the_policy_service_and_its_shipped_snippet(postfix_policy: Relay) -> None:
+    guest = postfix_policy.guest
+    # Not running until smtpd's first request: relaymilter-policy.socket starts it.
+    assert guest.prop(POLICY, "ActiveState") == "inactive"
+    _check_the_three(postfix_policy, POLICY)
+    assert guest.prop(POLICY, "TriggeredBy") == POLICY_SOCKET
+    assert "smtpd_milters" not in guest.run("postconf", "-n").stdout
 
 
 def test_sendmail_from_debians_stock_tls_setup(sendmail: Relay) -> None:

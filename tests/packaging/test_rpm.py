@@ -87,6 +87,8 @@ def test_files_modes_and_config(rpm: Build, db: Path) -> None:
         "/usr/lib/systemd/system/relaymilter.service",
         "/usr/lib/systemd/system/relaymilter-sync.service",
         "/usr/lib/systemd/system/relaymilter-sync.timer",
+        "/usr/lib/systemd/system/relaymilter-policy.service",
+        "/usr/lib/systemd/system/relaymilter-policy.socket",
         "/usr/lib/sysusers.d/relaymilter.conf",
         "/usr/share/man/man8/relaymilter.8.gz",
         "/usr/share/man/man5/relaymilter.yml.5.gz",
@@ -97,6 +99,7 @@ def test_files_modes_and_config(rpm: Build, db: Path) -> None:
         "/usr/share/doc/relaymilter/sendmail.md",
         "/usr/share/doc/relaymilter/operations.md",
         "/usr/share/doc/relaymilter/examples/main.cf.relaymilter",
+        "/usr/share/doc/relaymilter/examples/main.cf.relaymilter-policy",
         "/usr/share/doc/relaymilter/examples/relaymilter.mc",
         "/usr/share/doc/relaymilter/examples/relaymilter.rules.yml",
         "/usr/share/doc/relaymilter/examples/relaymilter.json",
@@ -133,6 +136,24 @@ def test_scriptlets(rpm: Build, db: Path) -> None:
     assert "relaymilter-sync.timer" in scripts["preuninstall"]
     assert "try-restart relaymilter.service" in scripts["postuninstall"]
     assert "rm -rf /run/relaymilter" in scripts["postuninstall"]
+
+    # The policy service's units: preset (so, on Fedora and EL, disabled), and
+    # disabled and stopped on erase; an upgrade restarts a running service and
+    # leaves its socket to systemd; the socket file goes with the package.
+    def listed(script: str, command: str) -> List[str]:
+        # The command's words up to the redirection, continuation lines joined.
+        text = scripts[script].replace("\\\n", " ")
+        match = re.search(rf"{command} ([^>]*)>", text)
+        assert match, (script, command)
+        return match.group(1).split()
+
+    policy = ["relaymilter-policy.socket", "relaymilter-policy.service"]
+    assert listed("postinstall", "preset")[-2:] == policy
+    assert listed("preuninstall", "disable --now")[-2:] == policy
+    restarted = listed("postuninstall", "try-restart")
+    assert "relaymilter-policy.service" in restarted
+    assert "relaymilter-policy.socket" not in restarted
+    assert "rm -f /var/spool/postfix/private/relaymilter-policy" in scripts["postuninstall"]
     for name, body in scripts.items():
         result = subprocess.run(["sh", "-n"], input=body, capture_output=True, text=True)
         assert result.returncode == 0, f"{name}: {result.stderr}"
@@ -223,7 +244,12 @@ def test_sysusers_and_unit_are_the_shared_ones(root: Path) -> None:
     sysusers = root / "usr" / "lib" / "sysusers.d" / "relaymilter.conf"
     assert unit.read_text() == (repo / "relaymilter.service").read_text()
     assert sysusers.read_text() == (repo / "relaymilter.sysusers").read_text()
-    for name in ("relaymilter-sync.service", "relaymilter-sync.timer"):
+    for name in (
+        "relaymilter-sync.service",
+        "relaymilter-sync.timer",
+        "relaymilter-policy.service",
+        "relaymilter-policy.socket",
+    ):
         shipped = root / "usr" / "lib" / "systemd" / "system" / name
         assert shipped.read_text() == (repo / name).read_text(), name
     assert os.access(root / "usr" / "bin" / "relaymilter", os.X_OK)

@@ -23,6 +23,13 @@ pytestmark = pytest.mark.packaging
 UNIT = REPO / "packaging" / "relaymilter.service"
 SYNC_SERVICE = REPO / "packaging" / "relaymilter-sync.service"
 SYNC_TIMER = REPO / "packaging" / "relaymilter-sync.timer"
+POLICY_SERVICE = REPO / "packaging" / "relaymilter-policy.service"
+POLICY_SOCKET = REPO / "packaging" / "relaymilter-policy.socket"
+#: The [Service] settings in which relaymilter-policy.service may differ from
+#: relaymilter.service: what it runs, how it is stopped (libmilter needs
+#: SIGUSR2, the policy service stops on SIGTERM) and where a unix socket of
+#: its own goes. Everything else, the sandbox above all, is the same.
+POLICY_OWN_SETTINGS = frozenset({"ExecStart", "KillSignal", "RuntimeDirectory", "ReadWritePaths"})
 MAN8 = REPO / "docs" / "man" / "relaymilter.8"
 MAN5 = REPO / "docs" / "man" / "relaymilter.yml.5"
 
@@ -139,8 +146,10 @@ def test_the_sync_timer_runs_every_5_minutes_with_a_random_delay() -> None:
     assert s["Install", "WantedBy"] == ["timers.target"]
 
 
-@pytest.mark.parametrize("unit", [SYNC_SERVICE, SYNC_TIMER], ids=lambda p: p.name)
-def test_the_debian_sync_units_are_the_shared_ones(unit: Path) -> None:
+@pytest.mark.parametrize(
+    "unit", [SYNC_SERVICE, SYNC_TIMER, POLICY_SERVICE, POLICY_SOCKET], ids=lambda p: p.name
+)
+def test_the_debian_units_are_the_shared_ones(unit: Path) -> None:
     debian = REPO / "packaging" / "debian" / f"relaymilter.{unit.name}"
     assert debian.is_symlink() and debian.read_text() == unit.read_text()
 
@@ -155,6 +164,90 @@ def test_the_sync_timer_is_not_enabled_on_install() -> None:
     # rpm: the presets decide, and no preset file of ours enables the timer.
     assert not list((REPO / "packaging").rglob("*.preset"))
     assert ".preset" not in spec
+
+
+def test_the_policy_service_has_readiness_watchdog_reload_and_restart() -> None:
+    s = unit_settings(POLICY_SERVICE)
+    assert s["Service", "Type"] == ["notify"]
+    assert s["Service", "User"] == ["relaymilter"]
+    assert s["Service", "ExecStart"] == ["/usr/bin/relaymilter policy -c ${RELAYMILTER_CONFIG}"]
+    # The milter's reload: validate first, then SIGUSR1.
+    assert s["Service", "ExecReload"] == unit_settings(UNIT)["Service", "ExecReload"]
+    assert s["Service", "Restart"] == ["on-failure"]
+    assert s["Service", "RestartPreventExitStatus"] == ["78"]
+    assert s["Service", "WatchdogSec"] == ["20s"]
+    # SIGTERM (the default) stops it at once.
+    assert ("Service", "KillSignal") not in s
+    # Not the milter's: systemd removes a RuntimeDirectory= when its unit stops.
+    assert s["Service", "RuntimeDirectory"] == ["relaymilter-policy"]
+    # The socket systemd passes needs no path opened: nothing in Postfix's spool.
+    assert ("Service", "ReadWritePaths") not in s
+    assert s["Unit", "Documentation"][0].startswith("man:relaymilter(8)")
+    assert s["Install", "WantedBy"] == ["multi-user.target"]
+
+
+def test_the_policy_service_has_the_milters_sandbox() -> None:
+    def shared(path: Path) -> Dict[str, List[str]]:
+        return {
+            key: values
+            for (section, key), values in unit_settings(path).items()
+            if section == "Service" and key not in POLICY_OWN_SETTINGS
+        }
+
+    assert shared(POLICY_SERVICE) == shared(UNIT)
+
+    # And the hardening block itself, line for line, in the same order.
+    def hardening(path: Path) -> List[str]:
+        lines = [line for line in path.read_text().splitlines() if not line.startswith("#")]
+        start = lines.index("NoNewPrivileges=yes")
+        return [line for line in lines[start : lines.index("[Install]")] if line]
+
+    assert hardening(POLICY_SERVICE) == hardening(UNIT)
+    assert "SystemCallFilter=@system-service" in hardening(UNIT)
+
+
+def test_the_policy_socket_is_postfixs_and_only_where_postfix_is() -> None:
+    s = unit_settings(POLICY_SOCKET)
+    assert s["Socket", "ListenStream"] == ["/var/spool/postfix/private/relaymilter-policy"]
+    # main.cf.relaymilter-policy names it relative to Postfix's queue directory.
+    snippet = (REPO / "etc" / "postfix" / "main.cf.relaymilter-policy").read_text()
+    assert "check_policy_service unix:private/relaymilter-policy," in snippet
+    assert s["Socket", "SocketUser"] == ["postfix"]
+    assert s["Socket", "SocketGroup"] == ["postfix"]
+    assert s["Socket", "SocketMode"] == ["0660"]
+    assert s["Socket", "RemoveOnStop"] == ["yes"]
+    # A host without Postfix: skipped, neither failed nor Postfix's directory made.
+    assert s["Unit", "ConditionPathIsDirectory"] == ["/var/spool/postfix/private"]
+    assert ("Socket", "Service") not in s  # relaymilter-policy.service, by its name
+    assert ("Socket", "Accept") not in s  # one service for every connection
+    assert s["Install", "WantedBy"] == ["sockets.target"]
+
+
+def test_the_policy_units_are_not_enabled_on_install() -> None:
+    rules = (REPO / "packaging" / "debian" / "rules").read_text()
+    assert "dh_installsystemd --name=relaymilter-policy --no-enable relaymilter-policy.service" in (
+        rules
+    )
+    assert (
+        "dh_installsystemd --name=relaymilter-policy --no-enable --no-stop-on-upgrade"
+        " relaymilter-policy.socket"
+    ) in rules
+    spec = (REPO / "packaging" / "rpm" / "relaymilter.spec").read_text()
+    units = "relaymilter-policy.socket relaymilter-policy.service"
+    assert (
+        f"%systemd_post relaymilter.service relaymilter-sync.service relaymilter-sync.timer {units}"
+        in spec
+    )
+    assert (
+        f"%systemd_preun relaymilter.service relaymilter-sync.service relaymilter-sync.timer {units}"
+        in spec
+    )
+    # An upgrade restarts a running service, never the socket (Postfix keeps it).
+    restart = re.search(r"^%systemd_postun_with_restart (.*)$", spec, re.MULTILINE)
+    assert restart and restart.group(1).split()[-1] == "relaymilter-policy.service", restart
+    assert "relaymilter-policy.socket" not in restart.group(1)
+    for path in ("%{_unitdir}/relaymilter-policy.service", "%{_unitdir}/relaymilter-policy.socket"):
+        assert f"\n{path}\n" in spec, path
 
 
 def test_every_example_in_the_tree_is_shipped_by_both_packages() -> None:

@@ -73,6 +73,14 @@ def notifications(log: List[str], pid: str) -> List[str]:
     return [match.group(1) or match.group(2) for match in found if match]
 
 
+def restarted(guest: Guest, unit: str, pid: str) -> Optional[str]:
+    """The main PID of ``unit`` once a process other than ``pid`` runs it, else None."""
+    props = guest.props(unit, "MainPID", "ActiveState", "SubState")
+    new = props["MainPID"]
+    running = (props["ActiveState"], props["SubState"]) == ("active", "running")
+    return new if running and new not in ("0", pid) else None
+
+
 def configure(guest: Guest, old: str, new: str) -> int:
     """Edit the installed configuration in place; the line number of the change."""
     text = guest.read(CONF)
@@ -277,13 +285,7 @@ def test_watchdog_restarts_a_daemon_that_stopped_answering(service: Guest) -> No
     mark = service.mark()
     service.run("kill", "-STOP", pid)
 
-    def restarted() -> Optional[str]:
-        props = service.props(UNIT, "MainPID", "ActiveState", "SubState")
-        new = props["MainPID"]
-        running = (props["ActiveState"], props["SubState"]) == ("active", "running")
-        return new if running and new not in ("0", pid) else None
-
-    wait_for(restarted, 60, "a watchdog restart", interval=0.2)
+    wait_for(lambda: restarted(service, UNIT, pid), 60, "a watchdog restart", interval=0.2)
     log = [e["MESSAGE"] for e in unit_log(service, mark)]
     assert any("Watchdog timeout" in m for m in log), log
     assert any("SIGABRT" in m for m in log), log
