@@ -13,19 +13,20 @@ import shutil
 import tempfile
 from collections.abc import Generator, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import pytest
 
 from .milterproc import RelayMilterProcess
 from .pki import Pki, build_pki
-from .postfix import PostfixInstance
+from .policycapture import PolicyCapture
+from .postfix import PolicyPostfixInstance, PostfixInstance
 from .sendmail import SendmailInstance
 from .sink import Sink
 from .targets import Target
 from .util import read_from, size
 
-TARGETS = ["postfix-unix", "postfix-inet", "sendmail-unix", "sendmail-inet"]
+TARGETS = ["postfix-unix", "postfix-inet", "postfix-policy", "sendmail-unix", "sendmail-inet"]
 
 
 @pytest.fixture(scope="session")
@@ -62,6 +63,25 @@ def postfix(e2e_dir: Path, pki: Pki, sink: Sink) -> Iterator[PostfixInstance]:
         yield instance
     finally:
         instance.stop()
+
+
+@pytest.fixture(scope="session")
+def postfix_policy(e2e_dir: Path, pki: Pki, sink: Sink) -> Iterator[PolicyPostfixInstance]:
+    """Postfix with relaymilter as its policy service, through the policy snippet as shipped."""
+    instance = PolicyPostfixInstance(e2e_dir / "postfix-policy", pki, sink.port)
+    try:
+        instance.start()
+        yield instance
+    finally:
+        instance.stop()
+
+
+@pytest.fixture(scope="session")
+def policy_capture(postfix_policy: PolicyPostfixInstance) -> Iterator[PolicyCapture]:
+    """The capturing service behind the policy Postfix's capture listeners."""
+    capture = PolicyCapture(postfix_policy.capture_socket).start()
+    yield capture
+    capture.stop()
 
 
 @pytest.fixture(scope="session")
@@ -102,7 +122,20 @@ def _make_target(name: str, request: pytest.FixtureRequest, e2e_dir: Path) -> Ta
     sink: Sink = request.getfixturevalue("sink")
     pki: Pki = request.getfixturevalue("pki")
     workdir = e2e_dir / "relaymilter"
-    if name.startswith("sendmail"):
+    front = "milter"
+    if name == "postfix-policy":
+        pp: PolicyPostfixInstance = request.getfixturevalue("postfix_policy")
+        # As the snippet's service: unix:private/relaymilter-policy in the queue
+        # directory, handed to the mail owner as relaymilter-policy.socket makes it.
+        milter = RelayMilterProcess(
+            name,
+            workdir,
+            f"unix:{pp.policy_socket}",
+            command="policy",
+            socket_owner="postfix",
+        )
+        port, log, front = pp.policy_ports.policy, pp.log, "policy"
+    elif name.startswith("sendmail"):
         fixture = "sendmail" if name == "sendmail-unix" else "sendmail_inet"
         sm: SendmailInstance = request.getfixturevalue(fixture)
         milter = RelayMilterProcess(name, workdir, sm.milter_spec)
@@ -126,13 +159,33 @@ def _make_target(name: str, request: pytest.FixtureRequest, e2e_dir: Path) -> Ta
         pki=pki,
         mta_log=lambda offset: read_from(log, offset),
         mta_log_size=lambda: size(log),
+        front=front,
     )
 
 
+@pytest.fixture(scope="session")
+def targets(request: pytest.FixtureRequest, e2e_dir: Path) -> Callable[[str], Target]:
+    """Any target by name, made once per session (``target`` takes them from here too)."""
+    made: dict[str, Target] = {}
+
+    def get(name: str) -> Target:
+        if name not in made:
+            made[name] = _make_target(name, request, e2e_dir)
+        return made[name]
+
+    return get
+
+
 @pytest.fixture(scope="session", params=TARGETS)
-def target(request: pytest.FixtureRequest, e2e_dir: Path) -> Target:
+def target(request: pytest.FixtureRequest, targets: Callable[[str], Target]) -> Target:
     """Each scenario runs once per target; pytest groups the tests by target."""
-    return _make_target(request.param, request, e2e_dir)
+    return targets(request.param)
+
+
+@pytest.fixture(scope="session")
+def policy_target(targets: Callable[[str], Target]) -> Target:
+    """The ``postfix-policy`` target alone, for the policy service's own tests."""
+    return targets("postfix-policy")
 
 
 @pytest.hookimpl(hookwrapper=True)
@@ -146,10 +199,11 @@ def pytest_runtest_makereport(item: pytest.Item, call: Any) -> Generator[None, A
 @pytest.fixture(autouse=True)
 def _logs_on_failure(request: pytest.FixtureRequest) -> Iterator[None]:
     """On failure, show what the MTA and relaymilter logged during the test."""
-    if "target" not in request.fixturenames:
+    name = next((n for n in ("target", "policy_target") if n in request.fixturenames), None)
+    if name is None:
         yield
         return
-    target: Target = request.getfixturevalue("target")
+    target: Target = request.getfixturevalue(name)
     mta_offset, milter_offset = target.mta_log_size(), target.milter.offset()
     yield
     report = getattr(request.node, "rep_call", None)

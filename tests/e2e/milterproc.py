@@ -1,4 +1,4 @@
-"""relaymilter as the MTAs see it: a real ``python -m relaymilter run`` process.
+"""relaymilter as the MTAs see it: a real ``python -m relaymilter run`` (or ``policy``) process.
 
 One process per milter socket. It is (re)started only when a scenario needs
 a different configuration; its stderr goes to a log file that the tests read
@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -87,11 +88,28 @@ def parse_decisions(text: str) -> list[dict[str, str]]:
 
 
 class RelayMilterProcess:
-    def __init__(self, name: str, workdir: Path, socket_spec: str) -> None:
+    """``relaymilter run`` (the milter) or, with ``command="policy"``, the policy service.
+
+    ``socket_owner``: the user a unix socket is handed to once it accepts, as
+    systemd's relaymilter-policy.socket makes it for Postfix's ``private/``
+    directory, where only the mail owner may connect.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        workdir: Path,
+        socket_spec: str,
+        *,
+        command: str = "run",
+        socket_owner: Optional[str] = None,
+    ) -> None:
         self.name = name
         self.workdir = workdir
         workdir.mkdir(parents=True, exist_ok=True)
         self.socket_spec = socket_spec
+        self.command = command
+        self.socket_owner = socket_owner
         self.config_path = workdir / f"{name}.yml"
         self.log = workdir / f"{name}.log"
         self.proc: Optional[subprocess.Popen[bytes]] = None
@@ -128,7 +146,7 @@ class RelayMilterProcess:
 
     def start(self) -> None:
         offset = size(self.log)
-        cmd = [sys.executable, "-m", "relaymilter", "run", "-c", str(self.config_path)]
+        cmd = [sys.executable, "-m", "relaymilter", self.command, "-c", str(self.config_path)]
         with self.log.open("ab") as log:
             self.proc = subprocess.Popen(
                 [*cmd, "--socket", self.socket_spec],
@@ -143,6 +161,21 @@ class RelayMilterProcess:
             raise HarnessError(
                 f"{err}\n--- relaymilter log ---\n{read_from(self.log, offset)}"
             ) from None
+        kind, _, path = self.socket_spec.partition(":")
+        if kind == "unix" and self.socket_owner:
+            shutil.chown(path, self.socket_owner, self.socket_owner)
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def kill(self) -> None:
+        """SIGKILL, as an OOM kill or a crash ends it: no clean-up, the socket file stays."""
+        proc, self.proc, self.config = self.proc, None, None
+        if proc is not None:
+            proc.kill()
+            proc.wait(timeout=10)
 
     def _ready(self) -> bool:
         if self.proc is not None and self.proc.poll() is not None:

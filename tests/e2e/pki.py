@@ -2,12 +2,15 @@
 
 Two certificate authorities, both trusted by the MTAs:
   * "Contoso Issuing CA" - the one the connectors list in ``trusted_issuers``;
-  * "Fabrikam Root CA"   - trusted by the MTA but not by the connector.
+  * "Fabrikam Root CA"   - trusted by the MTA but not by the connector;
+and a third that no MTA trusts ("Northwind Untrusted CA", in no CA file).
 
 Client certificates (see ``CLIENTS``) cover the certificate scenarios:
 a CA-signed ``CN=mail.contoso.com``, a self-signed ``CN=contoso.com``, the same
-CN from the second CA, and one whose CN does not match ``*.contoso.com`` but
-whose SAN does (registered with a connector's ``certificates:`` list).
+CN from the second CA and from the untrusted one, and one whose CN does not
+match ``*.contoso.com`` but whose SAN does (registered with a connector's
+``certificates:`` list), with its renewal (the same key, not registered) and
+an impostor (the same CN and issuer, another key).
 """
 
 from __future__ import annotations
@@ -26,6 +29,8 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 CONTOSO_CA = "Contoso Issuing CA"
 FABRIKAM_CA = "Fabrikam Root CA"
+#: Issues a client certificate, but is in no MTA's CA file.
+UNTRUSTED_CA = "Northwind Untrusted CA"
 
 
 @dataclass(frozen=True)
@@ -35,6 +40,8 @@ class CertSpec:
     common_name: str
     issuer: Optional[str]  # None: self-signed
     san: tuple[str, ...] = ()
+    #: Another client whose key this certificate reuses (a renewal that kept its key).
+    key_of: Optional[str] = None
 
 
 CLIENTS: dict[str, CertSpec] = {
@@ -46,6 +53,14 @@ CLIENTS: dict[str, CertSpec] = {
     "otherissuer": CertSpec("mail.contoso.com", FABRIKAM_CA, ("mail.contoso.com",)),
     # Only the SAN matches: the CN is an internal host name.
     "san": CertSpec("relay01.corp.example", CONTOSO_CA, ("smtp.contoso.com",)),
+    # From a CA that is in no MTA's CA file: presented, never verified.
+    "untrustedca": CertSpec("mail.contoso.com", UNTRUSTED_CA, ("mail.contoso.com",)),
+    # "san" renewed with the same key: not registered, and without smtp.contoso.com.
+    "san-renewed": CertSpec(
+        "relay01.corp.example", CONTOSO_CA, ("relay01.corp.example",), key_of="san"
+    ),
+    # The same subject and issuer CNs as "san", another key, no matching SAN.
+    "san-impostor": CertSpec("relay01.corp.example", CONTOSO_CA, ("relay01.corp.example",)),
 }
 
 
@@ -56,6 +71,10 @@ class Credential:
     sha256: str  # "AB:CD:..." like Sendmail's {cert_fp}
     subject_cn: str
     issuer_cn: str
+    #: Digests of the certificate and of its public key (DER SubjectPublicKeyInfo),
+    #: by algorithm ("sha256", "md5"), written as sha256 is.
+    fingerprints: dict[str, str] = field(default_factory=dict)
+    pubkey_fingerprints: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -120,8 +139,9 @@ def _make_leaf(
     cn: str,
     sans: list[x509.GeneralName],
     ca: Optional[tuple[x509.Certificate, rsa.RSAPrivateKey]],
+    key: Optional[rsa.RSAPrivateKey] = None,
 ) -> tuple[x509.Certificate, rsa.RSAPrivateKey]:
-    key = _key()
+    key = key or _key()
     issuer_cn = cn if ca is None else _cn(ca[0].subject)
     builder = (
         _builder(cn, issuer_cn, key)
@@ -162,21 +182,37 @@ def _write(
     )
     # Sendmail silently drops STARTTLS when a key file is group/world readable.
     os.chmod(key_path, 0o600)
+    public_key = key.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
     return Credential(
         cert=cert_path,
         key=key_path,
         sha256=cert.fingerprint(hashes.SHA256()).hex(":").upper(),
         subject_cn=_cn(cert.subject),
         issuer_cn=_cn(cert.issuer),
+        fingerprints={name: cert.fingerprint(a()).hex(":").upper() for name, a in _DIGESTS},
+        pubkey_fingerprints={name: _digest(a, public_key) for name, a in _DIGESTS},
     )
+
+
+_DIGESTS = (("sha256", hashes.SHA256), ("md5", hashes.MD5))
+
+
+def _digest(algorithm: type[hashes.HashAlgorithm], data: bytes) -> str:
+    digest = hashes.Hash(algorithm())
+    digest.update(data)
+    return digest.finalize().hex(":").upper()
 
 
 def build_pki(directory: Path) -> Pki:
     """Generate every key and certificate into ``directory``."""
     directory.mkdir(parents=True, exist_ok=True)
-    cas = {name: _make_ca(name) for name in (CONTOSO_CA, FABRIKAM_CA)}
+    cas = {name: _make_ca(name) for name in (CONTOSO_CA, FABRIKAM_CA, UNTRUSTED_CA)}
     ca_files: dict[str, Path] = {}
     for name, (cert, _) in cas.items():
+        if name == UNTRUSTED_CA:
+            continue  # in no CA file
         path = directory / (name.lower().replace(" ", "-") + ".pem")
         path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
         ca_files[name] = path
@@ -189,8 +225,12 @@ def build_pki(directory: Path) -> Pki:
     ]
     server = _write(directory, "server", *_make_leaf("localhost", server_sans, cas[CONTOSO_CA]))
     pki = Pki(directory=directory, ca_bundle=bundle, ca_files=ca_files, server=server)
+    keys: dict[str, rsa.RSAPrivateKey] = {}
     for stem, spec in CLIENTS.items():
         ca = None if spec.issuer is None else cas[spec.issuer]
         sans: list[x509.GeneralName] = [x509.DNSName(s) for s in spec.san]
-        pki.clients[stem] = _write(directory, stem, *_make_leaf(spec.common_name, sans, ca))
+        reused = keys[spec.key_of] if spec.key_of else None
+        cert, key = _make_leaf(spec.common_name, sans, ca, reused)
+        keys[stem] = key
+        pki.clients[stem] = _write(directory, stem, cert, key)
     return pki

@@ -26,6 +26,7 @@ import shutil
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 from .pki import Pki
 from .util import (
@@ -33,7 +34,7 @@ from .util import (
     alive,
     can_connect_tcp,
     descendants,
-    free_port,
+    free_ports,
     kill_leftovers,
     read_from,
     size,
@@ -81,8 +82,7 @@ inet_protocols = ipv4
 # The MTA's own relay rule: the whole loopback net may relay, so relaymilter's
 # decision is the only thing between a client and the sink.
 mynetworks = 127.0.0.0/8
-smtpd_relay_restrictions = permit_mynetworks, reject_unauth_destination
-# No DNS: the chrooted smtpd has no resolver files, and tests must not wait on DNS.
+{relay_restrictions}# No DNS: the chrooted smtpd has no resolver files, and tests must not wait on DNS.
 smtpd_peername_lookup = no
 maillog_file = {log}
 maillog_file_prefixes = {base}
@@ -93,9 +93,13 @@ smtpd_tls_cert_file = {server_cert}
 smtpd_tls_key_file = {server_key}
 smtpd_tls_loglevel = 1
 
-# ---- etc/postfix/main.cf.relaymilter, as shipped (host values substituted) ----
+# ---- etc/postfix/{snippet_name}, as shipped (host values substituted) ----
 {snippet}
 """
+
+MILTER_RELAY_RESTRICTIONS = (
+    "smtpd_relay_restrictions = permit_mynetworks, reject_unauth_destination\n"
+)
 
 # The services of a private instance (Debian's master.cf, nothing chrooted);
 # the benchmarks use them too.
@@ -171,7 +175,7 @@ class PostfixPorts:
 
     @classmethod
     def pick(cls) -> PostfixPorts:
-        return cls(free_port(), free_port(), free_port(), free_port(), free_port())
+        return cls(*free_ports(5))
 
 
 class PostfixInstance:
@@ -195,9 +199,8 @@ class PostfixInstance:
         """The libmilter spelling of the inet listener's milter socket."""
         return f"inet:{self.ports.milter_inet}@127.0.0.1"
 
-    def _write_config(self) -> None:
-        self.config_dir.mkdir(parents=True, exist_ok=True)
-        main = MAIN_CF.format(
+    def _main_cf(self, relay_restrictions: str, snippet_name: str, snippet: str) -> str:
+        return MAIN_CF.format(
             base=self.base,
             local_name=LOCAL_NAME,
             queue=self.queue_dir,
@@ -206,7 +209,17 @@ class PostfixInstance:
             log=self.log,
             server_cert=self.pki.server.cert,
             server_key=self.pki.server.key,
-            snippet=render_snippet(self.pki.ca_bundle, self.ports.milter_inet),
+            relay_restrictions=relay_restrictions,
+            snippet_name=snippet_name,
+            snippet=snippet,
+        )
+
+    def _write_config(self) -> None:
+        self.config_dir.mkdir(parents=True, exist_ok=True)
+        main = self._main_cf(
+            MILTER_RELAY_RESTRICTIONS,
+            SNIPPET.name,
+            render_snippet(self.pki.ca_bundle, self.ports.milter_inet),
         )
         (self.config_dir / "main.cf").write_text(main)
         master = MASTER_CF.format(
@@ -226,6 +239,9 @@ class PostfixInstance:
         self.queue_dir.mkdir(parents=True, exist_ok=True)
         self.data_dir.mkdir(parents=True, exist_ok=True)
         shutil.chown(self.data_dir, "postfix", "postfix")
+        self._prepare_socket_dir()
+
+    def _prepare_socket_dir(self) -> None:
         # The unix-socket milter lives inside the chroot. Like the Debian package's
         # /var/spool/postfix/relaymilter: group postfix and set-group-ID, so the
         # 0660 socket relaymilter creates there is in group postfix.
@@ -233,6 +249,13 @@ class PostfixInstance:
         socket_dir.mkdir(parents=True, exist_ok=True)
         shutil.chown(socket_dir, "root", "postfix")
         os.chmod(socket_dir, 0o2750)
+
+    def _pick_ports(self) -> None:
+        self.ports = PostfixPorts.pick()
+
+    def _listeners(self) -> tuple[int, ...]:
+        """The smtpd ports that must accept connections once started."""
+        return (self.ports.unix, self.ports.inet, self.ports.fail_open)
 
     def _postfix(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
@@ -247,7 +270,7 @@ class PostfixInstance:
         """Start on fresh free ports; retry if another process grabs one first."""
         self._prepare_dirs()
         for _attempt in range(3):
-            self.ports = PostfixPorts.pick()
+            self._pick_ports()
             self._write_config()
             offset = size(self.log)
             result = self._postfix("start", check=False)
@@ -262,10 +285,12 @@ class PostfixInstance:
 
     def _wait_listening(self, log_offset: int) -> bool:
         def ready() -> bool:
-            if "Address already in use" in read_from(self.log, log_offset):
+            log = read_from(self.log, log_offset)
+            if "Address already in use" in log:
                 raise _PortTaken
-            listeners = (self.ports.unix, self.ports.inet, self.ports.fail_open)
-            return all(can_connect_tcp("127.0.0.1", port) for port in listeners)
+            if "duplicate master.cf entry" in log:
+                raise HarnessError(f"two listeners on one port:\n{log}")
+            return all(can_connect_tcp("127.0.0.1", port) for port in self._listeners())
 
         try:
             wait_for(ready, 30, "the private postfix listeners")
@@ -296,3 +321,151 @@ class PostfixInstance:
 
 class _PortTaken(Exception):
     pass
+
+
+# ---- Postfix with relaymilter as its policy service ---------------------------
+
+POLICY_SNIPPET = REPO / "etc" / "postfix" / "main.cf.relaymilter-policy"
+#: The snippet's service: relative to the queue directory, so a chrooted smtpd reaches it.
+SNIPPET_POLICY_SERVICE = "unix:private/relaymilter-policy"
+POLICY_SOCKET_IN_QUEUE = "private/relaymilter-policy"
+#: Where the harness's capturing policy server listens (``policycapture``).
+CAPTURE_SOCKET_IN_QUEUE = "private/policy-capture"
+#: A policy service nobody serves, for the fail-open listener.
+DEAD_POLICY_SOCKET_IN_QUEUE = "private/relaymilter-policy-dead"
+
+POLICY_MASTER_CF = """\
+# Private instance for relaymilter's end-to-end tests: relaymilter as a policy
+# service (generated). Every smtpd runs chrooted in the queue directory, as in
+# Debian's master.cf, and main.cf's smtpd_relay_restrictions (the snippet's)
+# call the service at unix:private/relaymilter-policy.
+127.0.0.1:{policy_port} inet n - y - - smtpd
+  -o syslog_name=postfix/smtpd-policy
+# The same, with the digest of a main.cf below compatibility level 3.6.
+127.0.0.1:{md5_port} inet n - y - - smtpd
+  -o syslog_name=postfix/smtpd-policy-md5
+  -o smtpd_tls_fingerprint_digest=md5
+# Clients outside mynetworks: only Postfix's own rules can let them relay.
+127.0.0.1:{outsider_port} inet n - y - - smtpd
+  -o syslog_name=postfix/smtpd-outsider
+  -o mynetworks=
+# The snippet's restrictions with a service that records what Postfix sends.
+127.0.0.1:{capture_port} inet n - y - - smtpd
+  -o syslog_name=postfix/smtpd-capture
+  -o {{ smtpd_relay_restrictions = {capture_restrictions} }}
+127.0.0.1:{capture_md5_port} inet n - y - - smtpd
+  -o syslog_name=postfix/smtpd-capture-md5
+  -o {{ smtpd_relay_restrictions = {capture_restrictions} }}
+  -o smtpd_tls_fingerprint_digest=md5
+# Only for showing why the default action must not be DUNNO: a service that
+# is never up, and DUNNO when it cannot be reached.
+127.0.0.1:{fail_open_port} inet n - y - - smtpd
+  -o syslog_name=postfix/smtpd-policy-fail-open
+  -o {{ smtpd_relay_restrictions = {dead_restrictions} }}
+  -o smtpd_policy_service_default_action=DUNNO
+"""
+
+
+def render_policy_snippet(ca_file: Path) -> str:
+    """The shipped policy snippet with the private PKI's CA file."""
+    text = POLICY_SNIPPET.read_text()
+    for needed in (SNIPPET_CA_FILE, f"check_policy_service {SNIPPET_POLICY_SERVICE},\n"):
+        if needed not in text:
+            raise HarnessError(
+                f"{POLICY_SNIPPET} no longer contains {needed!r}; update the harness"
+            )
+    return text.replace(SNIPPET_CA_FILE, str(ca_file))
+
+
+def snippet_setting(text: str, name: str) -> str:
+    """A setting of a main.cf snippet, its continuation lines joined (as Postfix reads it)."""
+    value: Optional[list[str]] = None
+    for line in text.splitlines():
+        if value is not None:
+            if line[:1] in (" ", "\t") and line.strip() and not line.lstrip().startswith("#"):
+                value.append(line.strip())
+                continue
+            break
+        key, equals, rest = line.partition("=")
+        if equals and key.strip() == name and not line.startswith("#"):
+            value = [rest.strip()] if rest.strip() else []
+    if value is None:
+        raise HarnessError(f"no {name} in the snippet")
+    return " ".join(value)
+
+
+@dataclass
+class PolicyPorts:
+    policy: int  # the snippet as shipped
+    md5: int  # ... with smtpd_tls_fingerprint_digest = md5
+    outsider: int  # ... with an empty mynetworks
+    capture: int  # ... with the capturing service instead of relaymilter
+    capture_md5: int  # ... and md5
+    fail_open: int  # a dead service and smtpd_policy_service_default_action = DUNNO
+
+    @classmethod
+    def pick(cls) -> PolicyPorts:
+        return cls(*free_ports(6))
+
+
+class PolicyPostfixInstance(PostfixInstance):
+    """A private Postfix with relaymilter as its policy service (and no milter).
+
+    main.cf is the milter instance's, with the shipped
+    etc/postfix/main.cf.relaymilter-policy in place of the milter snippet (only
+    the CA file substituted) and without the harness's own
+    smtpd_relay_restrictions: the snippet's are in force.
+    """
+
+    def __init__(self, base: Path, pki: Pki, sink_port: int) -> None:
+        super().__init__(base, pki, sink_port)
+        self.policy_ports = PolicyPorts(0, 0, 0, 0, 0, 0)
+
+    @property
+    def policy_socket(self) -> Path:
+        """The snippet's unix:private/relaymilter-policy, seen from the host."""
+        return self.queue_dir / POLICY_SOCKET_IN_QUEUE
+
+    @property
+    def capture_socket(self) -> Path:
+        return self.queue_dir / CAPTURE_SOCKET_IN_QUEUE
+
+    def _write_config(self) -> None:
+        self.config_dir.mkdir(parents=True, exist_ok=True)
+        snippet = render_policy_snippet(self.pki.ca_bundle)
+        main = self._main_cf("", POLICY_SNIPPET.name, snippet)
+        (self.config_dir / "main.cf").write_text(main)
+        restrictions = snippet_setting(snippet, "smtpd_relay_restrictions")
+        ports = self.policy_ports
+        master = POLICY_MASTER_CF.format(
+            policy_port=ports.policy,
+            md5_port=ports.md5,
+            outsider_port=ports.outsider,
+            capture_port=ports.capture,
+            capture_md5_port=ports.capture_md5,
+            capture_restrictions=restrictions.replace(
+                SNIPPET_POLICY_SERVICE, f"unix:{CAPTURE_SOCKET_IN_QUEUE}"
+            ),
+            fail_open_port=ports.fail_open,
+            dead_restrictions=restrictions.replace(
+                SNIPPET_POLICY_SERVICE, f"unix:{DEAD_POLICY_SOCKET_IN_QUEUE}"
+            ),
+        )
+        (self.config_dir / "master.cf").write_text(master + MASTER_SERVICES)
+
+    def _prepare_socket_dir(self) -> None:
+        pass  # private/ is Postfix's own: postfix start makes it
+
+    def _pick_ports(self) -> None:
+        self.policy_ports = PolicyPorts.pick()
+
+    def _listeners(self) -> tuple[int, ...]:
+        ports = self.policy_ports
+        return (
+            ports.policy,
+            ports.md5,
+            ports.outsider,
+            ports.capture,
+            ports.capture_md5,
+            ports.fail_open,
+        )

@@ -45,7 +45,7 @@ from .util import (
     can_connect_tcp,
     cmdline,
     descendants,
-    free_port,
+    free_ports,
     read_from,
     size,
     wait_for,
@@ -377,7 +377,7 @@ class SendmailInstance:
         self._prepare()
         self._syslog = SyslogReceiver(self.run / "syslog.sock", self.log)
         for _attempt in range(3):
-            self.port, self.milter_port = free_port(), free_port()
+            self.port, self.milter_port = free_ports(2)
             self._build_cf()
             offset = size(self.log)
             if self._launch(offset):

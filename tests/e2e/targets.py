@@ -3,6 +3,9 @@
 Targets:
   * ``postfix-unix``: Postfix, chrooted smtpd, milter on the snippet's unix socket;
   * ``postfix-inet``: Postfix, smtpd not chrooted, milter on an inet socket;
+  * ``postfix-policy``: another Postfix, chrooted smtpd, no milter: relaymilter
+    as its policy service (``relaymilter policy``) through the shipped
+    main.cf.relaymilter-policy, on its ``unix:private/relaymilter-policy``;
   * ``sendmail-unix``: Sendmail, milter on the snippet's unix socket (S=local:);
   * ``sendmail-inet``: Sendmail, milter on an inet socket.
 
@@ -20,11 +23,17 @@ from typing import Any, Callable, Optional
 from .configs import REJECT_TEXT
 from .milterproc import RelayMilterProcess, explain
 from .pki import Credential, Pki
+from .postfix import POLICY_SNIPPET, snippet_setting
 from .sink import Received, Sink
 from .smtpclient import Reply, Session, Transaction
 
 # Which client certificates chain to a CA the MTAs trust.
-MTA_TRUSTED = {"mail", "otherissuer", "san"}
+MTA_TRUSTED = {"mail", "otherissuer", "san", "san-renewed", "san-impostor"}
+#: What a Postfix smtpd answers at RCPT TO when the policy service cannot be
+#: reached: the snippet's smtpd_policy_service_default_action.
+POLICY_DOWN_REPLY = snippet_setting(
+    POLICY_SNIPPET.read_text(), "smtpd_policy_service_default_action"
+)
 
 
 def xtext(value: str) -> str:
@@ -59,18 +68,51 @@ class Target:
     pki: Pki
     mta_log: Callable[[int], str]  # text of the MTA's log after an offset
     mta_log_size: Callable[[], int]
+    #: How relaymilter is attached: "milter", or "policy" (Postfix's check_policy_service).
+    front: str = "milter"
+    #: The policy front end: Postfix's smtpd_tls_fingerprint_digest on this listener.
+    digest: str = "sha256"
 
     def __str__(self) -> str:
         return self.name
+
+    @property
+    def resolves_rcpt(self) -> bool:
+        """Whether relaymilter gets the MTA's resolved recipient (``{rcpt_addr}``)."""
+        return self.front == "milter"
+
+    def recipient_seen(self, rcpt: str) -> str:
+        """The recipient as relaymilter gets it (a decision's ``to``).
+
+        A milter gets the address as the client gave it. Postfix sends a policy
+        service its internal form: a quoted local part unquoted, a source route
+        dropped (``"a@b"@c`` comes as ``a@b@c``, ``@c:a@b`` as ``a@b``).
+        """
+        if self.front != "policy":
+            return rcpt
+        return postfix_internal_form(rcpt)
 
     # -- what the client sees ---------------------------------------------
 
     def refusal(self, rcpt: str) -> str:
         """The exact RCPT reply a client gets for an ATTR36 refusal."""
+        return self.as_client_sees(f"550 5.7.64 {REJECT_TEXT}", rcpt)
+
+    def as_client_sees(self, reply: str, rcpt: str) -> str:
+        """relaymilter's reply to ``rcpt`` (code, status, text) as the MTA passes it on.
+
+        Postfix passes a milter's reply verbatim. Sendmail inserts ``<address>... ``
+        after the enhanced status code. Postfix formats a policy service's
+        action as it does any access(5) result: ``<address>: Recipient address
+        rejected: `` before the text, the address in its internal form.
+        """
+        code, status, text = reply.split(" ", 2)
         if self.mta == "sendmail":
-            # Sendmail inserts "<address>... " after the enhanced status code.
-            return f"550 5.7.64 <{rcpt}>... {REJECT_TEXT}"
-        return f"550 5.7.64 {REJECT_TEXT}"
+            return f"{code} {status} <{rcpt}>... {text}"
+        if self.front == "policy":
+            seen = self.recipient_seen(rcpt)  # Postfix names it in its internal form
+            return f"{code} {status} <{seen}>: Recipient address rejected: {text}"
+        return reply
 
     def accepted(self, rcpt: str) -> str:
         if self.mta == "sendmail":
@@ -90,6 +132,10 @@ class Target:
         if self.mta == "sendmail":
             return "451 4.3.2 Please try again later"  # F=T
         return "451 4.7.1 Service unavailable - try again later"  # milter_default_action
+
+    def policy_down_reply(self, rcpt: str) -> str:
+        """The reply to RCPT TO when the policy service cannot be reached."""
+        return self.as_client_sees(POLICY_DOWN_REPLY, rcpt)
 
     @property
     def milter_down_starttls_reply(self) -> str:
@@ -148,7 +194,8 @@ class Target:
         # One connection judges its recipients in order: the n-th line is the n-th RCPT.
         decisions = dict(zip(reached_milter, found))
         for rcpt, decision in decisions.items():
-            assert decision["to"] in (rcpt, _without_source_route(rcpt)), (rcpt, decision)
+            seen = self.recipient_seen(rcpt)
+            assert decision["to"] in (seen, _without_source_route(seen)), (rcpt, decision)
         delivered = self.sink.wait(txn.token) if txn.queued else None
         outcome = Outcome(txn, decisions, delivered)
         if delivered is not None:
@@ -167,6 +214,19 @@ class Target:
         """explain's arguments for the certificate macros this MTA sends."""
         if not starttls:
             return []
+        if self.front == "policy":
+            # Subject and issuer CN only for a trusted chain (the service takes
+            # no certificate without them); the digests as Postfix computes them.
+            if cert is None or not self._trusted(cert):
+                return []
+            return [
+                "--cert-subject",
+                cert.subject_cn,
+                "--cert-issuer",
+                cert.issuer_cn,
+                "--cert-fingerprint",
+                cert.fingerprints[self.digest],
+            ]
         if self.mta == "postfix":
             # Postfix sends subject and issuer CN, and only for a trusted chain.
             if cert is None or not self._trusted(cert):
@@ -202,7 +262,7 @@ class Target:
         args += self.macros(session.cert, session.starttls)
         decisions = list(outcome.decisions.items())
         for rcpt, _ in decisions:
-            args.append(f"--rcpt={rcpt}")
+            args.append(f"--rcpt={self.recipient_seen(rcpt)}")
         if any(d.get("mta_rcpt", "-") != "-" for _, d in decisions):
             for rcpt, decision in decisions:
                 mta_rcpt = decision["mta_rcpt"]
@@ -224,14 +284,34 @@ class Target:
             else:
                 # What relaymilter answers (or, in monitor mode, would have
                 # answered) is the refusal the client gets, bar Sendmail's prefix.
-                expected = self.refusal(rcpt).replace(f"<{rcpt}>... ", "")
-                assert predicted["reply"] == expected, (predicted["reply"], expected)
+                assert self.as_client_sees(predicted["reply"], rcpt) == self.refusal(rcpt), (
+                    predicted["reply"]
+                )
                 if decision["action"] == "reject":
                     assert outcome.reply(rcpt) == self.refusal(rcpt), outcome.reply(rcpt)
         attribution = result["attribution"]
         live = decisions[0][1]
         for key in ("organization", "connector", "kind"):
             assert (attribution[key] or "-") == live[key], (key, attribution, live)
+
+
+def postfix_internal_form(address: str) -> str:
+    """An address as Postfix hands it to a policy service (observed with Postfix 3.7).
+
+    The source route is dropped and a quoted local part unquoted, its
+    backslash escapes undone; the rest is as the client wrote it.
+    """
+    address = _without_source_route(address)
+    if address.startswith('"'):
+        end = 1
+        local = []
+        while end < len(address) and address[end] != '"':
+            if address[end] == "\\" and end + 1 < len(address):
+                end += 1
+            local.append(address[end])
+            end += 1
+        return "".join(local) + address[end + 1 :]
+    return address
 
 
 def _without_source_route(address: str) -> str:

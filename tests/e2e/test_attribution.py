@@ -1,7 +1,8 @@
 """Scenarios 1-8: who may relay what, on real Postfix and real Sendmail.
 
 Every test runs on each target (Postfix with the milter on a unix socket in
-the chroot, Postfix with an inet socket, Sendmail) and asserts the exact
+the chroot, Postfix with an inet socket, Postfix with relaymilter as its
+policy service, Sendmail) and asserts the exact
 RCPT reply the client saw, relaymilter's decision line, what reached the
 sink, and that ``relaymilter explain`` predicts the same decision.
 """
@@ -122,6 +123,15 @@ def test_self_signed_certificate_is_not_honoured(target: Target) -> None:
     assert_refused(target, outcome, EXTERNAL, kind="ip", connector="onprem-ip")
 
 
+def test_certificate_from_a_ca_the_mta_does_not_trust_is_not_honoured(target: Target) -> None:
+    # CN=mail.contoso.com from "Northwind Untrusted CA", which is in no CA file:
+    # presented, never verified. A bounce then has only the IP connector.
+    outcome = target.run("", [EXTERNAL], cert="untrustedca")
+    assert outcome.txn.tls_version is not None
+    assert_refused(target, outcome, EXTERNAL, kind="ip", connector="onprem-ip")
+    assert outcome.decision(EXTERNAL)["certificate"] == "-"
+
+
 def test_certificate_from_untrusted_issuer_is_not_honoured(target: Target) -> None:
     # Trusted by the MTA (chains to "Fabrikam Root CA"), not listed in trusted_issuers.
     outcome = target.run(FOREIGN, [EXTERNAL], cert="otherissuer")
@@ -130,7 +140,8 @@ def test_certificate_from_untrusted_issuer_is_not_honoured(target: Target) -> No
 
 def test_certificate_matching_only_by_registered_san_is_relayed(target: Target) -> None:
     # CN=relay01.corp.example; SAN smtp.contoso.com, known only from `certificates:`.
-    # Sendmail identifies it by {cert_fp}, Postfix by subject CN + issuer CN.
+    # Sendmail identifies it by {cert_fp}, Postfix's milter macros by subject CN +
+    # issuer CN, Postfix's policy service by ccert_fingerprint.
     outcome = target.run(FOREIGN, [EXTERNAL], cert="san")
     assert_relayed(target, outcome, EXTERNAL, kind="certificate", connector="onprem-cert")
 

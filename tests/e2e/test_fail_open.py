@@ -2,8 +2,10 @@
 
 With relaymilter down, an MTA configured without the snippet's setting relays
 a message that relaymilter would have refused: Postfix with
-``milter_default_action = accept``, Sendmail without ``F=T``. (With the
-snippets as shipped, see test_modes.py::test_milter_down_means_tempfail.)
+``milter_default_action = accept``, Sendmail without ``F=T``, and Postfix with
+relaymilter as its policy service and ``smtpd_policy_service_default_action =
+DUNNO``. (With the snippets as shipped, see
+test_modes.py::test_milter_down_means_tempfail.)
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from .pki import Pki
-from .postfix import PostfixInstance
+from .postfix import PolicyPostfixInstance, PostfixInstance
 from .sendmail import SendmailInstance
 from .sink import Sink
 from .smtpclient import send
@@ -48,6 +50,16 @@ def test_postfix_default_action_accept_relays_unchecked(
     txn = send(postfix.ports.fail_open, FOREIGN, [EXTERNAL], starttls=False)
     assert txn.rcpts[EXTERNAL].line == "250 2.1.5 Ok"
     assert sink.wait(txn.token).rcpts == [EXTERNAL]
+
+
+def test_postfix_policy_default_action_dunno_relays_unchecked(
+    postfix_policy: PolicyPostfixInstance, sink: Sink
+) -> None:
+    # The snippet's smtpd_relay_restrictions with a service nobody serves.
+    txn = send(postfix_policy.policy_ports.fail_open, FOREIGN, [EXTERNAL], starttls=False)
+    assert txn.rcpts[EXTERNAL].line == "250 2.1.5 Ok"
+    assert sink.wait(txn.token).rcpts == [EXTERNAL]
+    assert not postfix_policy.policy_socket.with_name("relaymilter-policy-dead").exists()
 
 
 def test_sendmail_without_f_t_relays_unchecked(

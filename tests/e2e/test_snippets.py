@@ -1,8 +1,8 @@
 """The shipped snippets are what the private MTAs run with.
 
-The harness builds main.cf and sendmail.mc from etc/postfix/main.cf.relaymilter
-and etc/sendmail/relaymilter.mc; these tests check the running configuration
-really holds them (and nothing else milter-related, such as macro lists), so
+The harness builds main.cf and sendmail.mc from etc/postfix/main.cf.relaymilter,
+etc/postfix/main.cf.relaymilter-policy and etc/sendmail/relaymilter.mc; these
+tests check the running configuration really holds them (and nothing else milter-related, such as macro lists), so
 the scenarios prove the snippets an admin copies.
 
 Sendmail's TLS starts from Debian's stock starttls.m4, which tells Sendmail
@@ -26,7 +26,7 @@ from . import postfix as pf
 from . import sendmail as sm
 from .milterproc import RelayMilterProcess
 from .pki import Pki
-from .postfix import PostfixInstance, snippet_lines
+from .postfix import PolicyPostfixInstance, PostfixInstance, snippet_lines
 from .sendmail import SendmailInstance
 from .sink import Sink
 from .targets import Target
@@ -77,6 +77,44 @@ def test_postfix_unix_listener_is_chrooted_and_uses_the_snippet_alternative(
     )
     # The inet listener runs with main.cf's (the snippet's active) line.
     assert f"127.0.0.1:{postfix.ports.inet}/inet/smtpd_milters" not in overrides
+
+
+def test_postfix_policy_main_cf_holds_the_policy_snippet(
+    postfix_policy: PolicyPostfixInstance,
+) -> None:
+    snippet = pf.render_policy_snippet(postfix_policy.pki.ca_bundle)
+    main_cf = (postfix_policy.config_dir / "main.cf").read_text()
+    assert snippet in main_cf  # whole, as shipped but for the CA file
+    assert snippet_lines(snippet) == snippet_lines(main_cf)[-len(snippet_lines(snippet)) :]
+    # In force as Postfix reads it: the service first in smtpd_relay_restrictions.
+    relay = postconf(postfix_policy, "-h", "smtpd_relay_restrictions").strip()
+    assert relay == pf.snippet_setting(snippet, "smtpd_relay_restrictions")
+    assert relay.startswith(f"check_policy_service {pf.SNIPPET_POLICY_SERVICE}, ")
+    for name in ("smtpd_policy_service_default_action", "smtpd_policy_service_timeout"):
+        assert postconf(postfix_policy, "-h", name).strip() == pf.snippet_setting(snippet, name)
+    assert postconf(postfix_policy, "-h", "smtpd_tls_ask_ccert").strip() == "yes"
+    assert postconf(postfix_policy, "-h", "smtpd_tls_CAfile").strip() == str(
+        postfix_policy.pki.ca_bundle
+    )
+    # No milter: the policy service alone; compatibility level 3.6's digest.
+    assert postconf(postfix_policy, "-h", "smtpd_milters").strip() == ""
+    names = [line.split(" = ")[0] for line in postconf(postfix_policy, "-n").splitlines()]
+    assert not [name for name in names if "milter" in name], names
+    # Its default: ${{$compatibility_level} <level {3.6} ? {md5} : {sha256}}.
+    assert postconf(postfix_policy, "-xh", "smtpd_tls_fingerprint_digest").strip() == "sha256"
+
+
+def test_postfix_policy_listener_runs_main_cf_chrooted(
+    postfix_policy: PolicyPostfixInstance,
+) -> None:
+    port = postfix_policy.policy_ports.policy
+    services = postconf(postfix_policy, "-M").splitlines()
+    listener = next(s for s in services if s.startswith(f"127.0.0.1:{port} "))
+    assert listener.split()[4] == "y"  # chrooted: unix:private/... is inside the chroot
+    overrides = postconf(postfix_policy, "-P")
+    assert [o for o in overrides.splitlines() if o.startswith(f"127.0.0.1:{port}/")] == [
+        f"127.0.0.1:{port}/inet/syslog_name = postfix/smtpd-policy"
+    ]
 
 
 def test_sendmail_cf_holds_the_snippet(
