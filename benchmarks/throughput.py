@@ -2,7 +2,7 @@
 """Throughput benchmark: Postfix with and without relaymilter, driven by smtp-source.
 
 One private Postfix 3.7 instance (Debian's binaries; nothing of the host's
-Postfix is touched) gets four smtpd listeners on loopback:
+Postfix is touched) gets these smtpd listeners on loopback:
 
   baseline     no milter: the physical limit of this machine
   relay-unix   relaymilter on a unix socket
@@ -10,12 +10,22 @@ Postfix is touched) gets four smtpd listeners on loopback:
   naive-unix   a do-nothing pymilter milter that overrides every callback
   floor-unix   the cheapest pymilter milter that asks for its own macros: relaymilter's
                negotiation, no Python callback after it (benchmarks/floor_milter.py)
+  policy-unix  no milter: relaymilter's policy service (relaymilter policy), attached with
+               etc/postfix/main.cf.relaymilter-policy's settings (check_policy_service
+               unix:private/relaymilter-policy first in smtpd_relay_restrictions), on a
+               unix socket in the private Postfix's queue directory
+  floor-policy-unix
+               the same settings, with the cheapest asyncio policy service instead: it
+               answers DUNNO to every request without reading it (benchmarks/floor_policy.py)
   relay-metrics-unix
                relay-unix with a metrics: section (HTTP endpoint and textfile), scraped
                every second during its runs; not in --smoke runs unless --metrics-listener
   before-unix, before-inet
                with --compare DIR: the relaymilter of another checkout (for
                before/after figures taken in the same run)
+  before-policy-unix
+               with --compare DIR, if that checkout has a policy service: it, attached as
+               policy-unix is (on private/before-policy)
 
 And, unless --no-sendmail, three private Sendmail instances (the e2e suite's
 harness, Debian's binaries, with the shipped snippet):
@@ -42,13 +52,18 @@ machine conditions; between runs the queue is drained. Workloads:
 
 Reported per workload and listener: messages per second (min/median/max over
 the rounds), the ratio to the baseline of the same round (min/median/max), the
-milter's CPU time per 1000 messages (from /proc/PID/stat) and its peak RSS.
+milter's (or policy service's) CPU time per 1000 messages (from /proc/PID/stat)
+and its peak RSS, and Postfix's CPU time per 1000 messages: every process of
+the private Postfix, those that exited during the run included (the master's
+children's time), from the start of a run until its queue has drained.
 
 Usage:
   benchmarks/throughput.py                       # 5 rounds x 2000 messages (a few minutes)
   benchmarks/throughput.py --rounds 7 --messages 4000 --json out.json
   benchmarks/throughput.py --smoke               # 1 round, a few messages (test suite)
   benchmarks/throughput.py --workloads W1 --rounds 3 --messages 1000   # metrics on and off
+  benchmarks/throughput.py --listeners floor-unix relay-unix policy-unix --rounds 9
+                                                 # those, and the baseline, in the same rounds
 """
 
 from __future__ import annotations
@@ -67,7 +82,7 @@ import time
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, FrozenSet, List, Optional, Tuple
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -82,7 +97,17 @@ POSTFIX = "/usr/sbin/postfix"
 SMTP_SOURCE = "/usr/sbin/smtp-source"
 SMTP_SINK = "/usr/sbin/smtp-sink"
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
-LISTENERS = ("baseline", "relay-unix", "relay-inet", "naive-unix", "floor-unix")
+POLICY_LISTENER = "policy-unix"
+FLOOR_POLICY_LISTENER = "floor-policy-unix"
+LISTENERS = (
+    "baseline",
+    "relay-unix",
+    "relay-inet",
+    "naive-unix",
+    "floor-unix",
+    POLICY_LISTENER,
+    FLOOR_POLICY_LISTENER,
+)
 METRICS_LISTENER = "relay-metrics-unix"
 SENDMAIL_LISTENERS = ("sendmail-baseline", "sendmail-relay-unix", "sendmail-relay-inet")
 #: Seconds between two scrapes of relay-metrics-unix while it is driven.
@@ -90,6 +115,22 @@ SCRAPE_INTERVAL = 1.0
 OWNED_SENDER = "app@contoso.com"
 FOREIGN_SENDER = "john@fabrikam.example"
 EXTERNAL_RECIPIENT = "kate@tailspintoys.example"
+#: The shipped snippet that attaches the policy service to Postfix.
+POLICY_SNIPPET = REPO / "etc" / "postfix" / "main.cf.relaymilter-policy"
+#: The snippet's settings policy-unix takes (as -o options of its smtpd). Its TLS
+#: settings are left out: no listener here offers STARTTLS, and the clients send none.
+POLICY_SETTINGS = (
+    "smtpd_relay_restrictions",
+    "smtpd_policy_service_default_action",
+    "smtpd_policy_service_timeout",
+)
+#: The other policy listeners' sockets, in the queue directory as the snippet's is.
+POLICY_SOCKETS = {
+    FLOOR_POLICY_LISTENER: "private/floor-policy",
+    "before-policy-unix": "private/before-policy",
+}
+#: How a decision line starts in the policy service's log (stderr, not the journal).
+DECISION_LINE = "INFO decision "
 
 RELAYMILTER_CONFIG = """\
 socket: inet:8894@127.0.0.1
@@ -156,6 +197,8 @@ class Run:
     milter_cpu: Optional[float]
     milter_user: Optional[float] = None
     milter_sys: Optional[float] = None
+    #: CPU seconds of the whole private Postfix (Postfix listeners only).
+    postfix_cpu: Optional[float] = None
 
     @property
     def rate(self) -> float:
@@ -169,23 +212,50 @@ class Bench:
     sessions: int = 20
     metrics: bool = False
     sendmail: bool = True
+    #: With --listeners: only these (and their MTA's baseline); None: all.
+    only: Optional[FrozenSet[str]] = None
     ports: Dict[str, int] = field(default_factory=dict)
     sink: Optional[subprocess.Popen[bytes]] = None
     milters: Dict[str, Milter] = field(default_factory=dict)
     sendmails: Dict[str, SendmailInstance] = field(default_factory=dict)
+    #: The snippet's settings for policy-unix's smtpd, and the check_policy_service
+    #: target it names (unix:private/...).
+    policy_settings: Dict[str, str] = field(default_factory=dict)
+    policy_target: str = ""
 
     # -- set-up ----------------------------------------------------------------
 
     @property
-    def postfix_listeners(self) -> Tuple[str, ...]:
+    def all_postfix_listeners(self) -> Tuple[str, ...]:
         extra = (METRICS_LISTENER,) if self.metrics else ()
-        return LISTENERS + extra + (("before-unix", "before-inet") if self.compare else ())
+        before: Tuple[str, ...] = ()
+        if self.compare:
+            before = ("before-unix", "before-inet")
+            if (self.compare / "relaymilter" / "policyd").is_dir():  # it has a policy service
+                before += ("before-policy-unix",)
+        return LISTENERS + extra + before
 
     @property
-    def sendmail_listeners(self) -> Tuple[str, ...]:
+    def all_sendmail_listeners(self) -> Tuple[str, ...]:
         if not self.sendmail:
             return ()
         return SENDMAIL_LISTENERS + (("sendmail-before-inet",) if self.compare else ())
+
+    @property
+    def postfix_listeners(self) -> Tuple[str, ...]:
+        return self._chosen(self.all_postfix_listeners, "baseline")
+
+    @property
+    def sendmail_listeners(self) -> Tuple[str, ...]:
+        return self._chosen(self.all_sendmail_listeners, "sendmail-baseline")
+
+    def _chosen(self, listeners: Tuple[str, ...], baseline: str) -> Tuple[str, ...]:
+        """Those of ``listeners`` that --listeners names, with their baseline if any is."""
+        if self.only is None:
+            return listeners
+        if not self.only.intersection(listeners):
+            return ()
+        return tuple(name for name in listeners if name in self.only or name == baseline)
 
     @property
     def listeners(self) -> Tuple[str, ...]:
@@ -204,7 +274,8 @@ class Bench:
         self._start_sink()
         self._start_milters()
         self._start_postfix()
-        if self.sendmail:
+        self._start_policy_services()
+        if self.sendmail_listeners:
             self._start_sendmails()
 
     def _start_sendmails(self) -> None:
@@ -265,10 +336,57 @@ class Bench:
             specs["before-unix"] = (relay, f"unix:{sockets}/before.sock")
             specs["before-inet"] = (relay, f"inet:{self.ports['before-milter']}@127.0.0.1")
         for name, (command, spec) in specs.items():
+            if name not in self.postfix_listeners:
+                continue
             cwd = self.compare if self.compare and name.startswith("before-") else REPO
             self._start_milter(name, command, spec, cwd)
         for milter in self.milters.values():
             wait_for(lambda m=milter: _milter_ready(m), 20, f"{milter.name} to listen")  # type: ignore[misc]
+
+    def policy_services(self) -> Dict[str, Tuple[List[str], str, Path]]:
+        """The policy listeners' services: command, socket (unix:private/...), working directory."""
+        config = str(self.base / "relaymilter.yml")
+        relay = [sys.executable, "-m", "relaymilter", "policy", "-c", config, "--socket"]
+        floor = [sys.executable, str(REPO / "benchmarks" / "floor_policy.py")]
+        services = {
+            POLICY_LISTENER: (relay, self.policy_target, REPO),
+            FLOOR_POLICY_LISTENER: (floor, f"unix:{POLICY_SOCKETS[FLOOR_POLICY_LISTENER]}", REPO),
+        }
+        if self.compare:
+            socket = f"unix:{POLICY_SOCKETS['before-policy-unix']}"
+            services["before-policy-unix"] = (relay, socket, self.compare)
+        return {name: service for name, service in services.items() if name in self.listeners}
+
+    def _start_policy_services(self) -> None:
+        """relaymilter policy on the unix socket the snippet names, in the queue's private/,
+        and the other policy services next to it.
+
+        Started once Postfix has made its queue directory; smtpd connects only
+        when the first RCPT TO comes. A socket is Postfix's mail owner's, as
+        the packaged relaymilter-policy.socket makes it: private/ and smtpd are
+        that user's alone.
+        """
+        for name, (command, target, cwd) in self.policy_services().items():
+            # A relative path is relative to the queue directory, as smtpd resolves it.
+            path = self.base / "queue" / target.partition(":")[2]
+            wait_for(path.parent.is_dir, 30, f"postfix to make {path.parent}")
+            self._start_milter(name, command, f"unix:{path}", cwd)
+            service = self.milters[name]
+            wait_for(lambda s=service: _milter_ready(s), 20, f"{name} to listen")  # type: ignore[misc]
+            shutil.chown(path, "postfix", "postfix")
+
+    def policy_options(self, target: str) -> str:
+        """The snippet's settings as -o options, with ``target`` in its check_policy_service."""
+        settings = dict(self.policy_settings)
+        restrictions = settings["smtpd_relay_restrictions"]
+        settings["smtpd_relay_restrictions"] = restrictions.replace(self.policy_target, target)
+        # Values with spaces and commas: Postfix 3's -o { name = value } form.
+        return "".join(f" -o {{ {k} = {v} }}" for k, v in settings.items())
+
+    def policy_decisions(self) -> int:
+        """The decision lines the policy service has logged."""
+        with open(self.base / f"{POLICY_LISTENER}.log", errors="replace") as log:
+            return sum(line.startswith(DECISION_LINE) for line in log)
 
     def _metrics_spec(self, config: Path, sockets: Path) -> Dict[str, Tuple[List[str], str]]:
         """relay-unix's milter with a metrics: section (endpoint and textfile), if asked."""
@@ -306,6 +424,7 @@ class Bench:
             "milter_port": self.ports["milter"],
         }
         values.update({name.replace("-", "_"): port for name, port in self.ports.items()})
+        self.policy_settings, self.policy_target = policy_settings(POLICY_SNIPPET.read_text())
         (self.base / "etc" / "main.cf").write_text(MAIN_CF.format(**values))
         (self.base / "etc" / "master.cf").write_text(self.master_cf())
         self._postfix("start")
@@ -314,10 +433,13 @@ class Bench:
 
     def master_cf(self) -> str:
         lines = []
+        policies = self.policy_services()
         for name in self.postfix_listeners:
             line = f"127.0.0.1:{self.ports[name]} inet n - n - - smtpd"
             milter = self.milters.get(name)
-            if milter is not None:
+            if name in policies:
+                line += self.policy_options(policies[name][1])
+            elif milter is not None:
                 kind, _, rest = milter.spec.partition(":")
                 if kind == "unix":
                     line += f" -o smtpd_milters=unix:{rest}"
@@ -352,9 +474,32 @@ class Bench:
     def drain(self) -> None:
         wait_for(lambda: self.queue_files() == 0, 120, "the queue to drain", interval=0.05)
 
+    def postfix_cpu_seconds(self) -> float:
+        """CPU seconds (user + system) of the private Postfix so far, its exited processes too.
+
+        The master's own time, its live descendants' (smtpd, cleanup, qmgr,
+        smtp, ...) and, for those that have exited, the time the kernel adds to
+        the master's children's time when it reaps them.
+        """
+        pid_file = self.base / "queue" / "pid" / "master.pid"
+        master = int(pid_file.read_text().split()[0])
+        total = 0.0
+        for pid in (master, *descendants(master)):
+            try:
+                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue  # exited meanwhile: its time is the master's children's
+            ticks = int(fields[11]) + int(fields[12])
+            if pid == master:
+                ticks += int(fields[13]) + int(fields[14])
+            total += ticks / CLOCK_TICKS
+        return total
+
     def run(self, workload: str, listener: str, number: int, messages: int) -> Run:
         milter = self.milters.get(listener)
         before = milter.cpu_seconds() if milter else (0.0, 0.0)
+        on_postfix = listener in self.postfix_listeners
+        postfix_before = self.postfix_cpu_seconds() if on_postfix else 0.0
         scraping = threading.Event()
         scraper = None
         if listener == METRICS_LISTENER:
@@ -377,6 +522,8 @@ class Bench:
             run.milter_user, run.milter_sys = after[0] - before[0], after[1] - before[1]
             run.milter_cpu = run.milter_user + run.milter_sys
         self.drain()
+        if on_postfix:
+            run.postfix_cpu = self.postfix_cpu_seconds() - postfix_before
         return run
 
     def _scrape_until(self, done: threading.Event) -> None:
@@ -482,6 +629,40 @@ async def one_message(port: int) -> None:
         writer.close()
 
 
+def recipients_sent(runs: List[Run], listener: str) -> int:
+    """The recipients ``listener``'s runs sent: one a message, five in W3."""
+    return sum(
+        r.messages * (len(W3_RECIPIENTS) if r.workload == "W3" else 1)
+        for r in runs
+        if r.listener == listener
+    )
+
+
+def policy_settings(snippet: str) -> Tuple[Dict[str, str], str]:
+    """The snippet's POLICY_SETTINGS, and the unix: socket its check_policy_service names.
+
+    main.cf's syntax: a line that starts with white space continues the one
+    before; a comment line is skipped, even inside a continued setting.
+    """
+    settings: Dict[str, str] = {}
+    name = ""
+    for line in snippet.splitlines():
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        if line[0].isspace():
+            if name:
+                settings[name] = f"{settings[name]} {line.strip()}".strip()
+            continue
+        name, _, value = (part.strip() for part in line.partition("="))
+        settings[name] = value
+    chosen = {name: settings[name] for name in POLICY_SETTINGS}
+    words = chosen["smtpd_relay_restrictions"].replace(",", " ").split()
+    target = words[words.index("check_policy_service") + 1]
+    if not target.startswith("unix:private/"):
+        raise RuntimeError(f"{POLICY_SNIPPET.name}: expected unix:private/..., not {target}")
+    return chosen, target
+
+
 def _umask_007() -> None:
     os.umask(0o007)
 
@@ -537,11 +718,13 @@ def summarize(
             ratios = [r.rate / baselines[baseline_of(listener), r.round] for r in mine]
             cpu = [r.milter_cpu / r.messages * 1000 for r in mine if r.milter_cpu is not None]
             user = [r.milter_user / r.messages * 1000 for r in mine if r.milter_user is not None]
+            postfix = [r.postfix_cpu / r.messages * 1000 for r in mine if r.postfix_cpu is not None]
             rows[listener] = {
                 "rate": _spread(rates, 0),
                 "ratio": _spread(ratios, 3),
                 "milter_cpu_s_per_1000": _spread(cpu, 3) if cpu else None,
                 "milter_user_s_per_1000": _spread(user, 3) if user else None,
+                "postfix_cpu_s_per_1000": _spread(postfix, 3) if postfix else None,
             }
         summary[workload] = rows
     summary["peak_rss_mib"] = {name: m.peak_rss_mib() for name, m in milters.items()}
@@ -559,21 +742,24 @@ def _spread(values: List[float], digits: int) -> Dict[str, float]:
 def report(summary: Dict[str, Any]) -> str:
     lines = []
     for workload, rows in summary.items():
-        if workload in ("peak_rss_mib", "metrics_decisions"):
+        if workload in ("peak_rss_mib", "metrics_decisions", "policy_decisions"):
             continue
         lines.append(
             f"{workload}: messages/s (min/median/max), ratio to the MTA's baseline "
             "(min/median/max), "
-            "milter CPU s/1000 msgs (median: total, of which user)"
+            "milter's or policy service's CPU s/1000 msgs (median: total, of which user), "
+            "Postfix's CPU s/1000 msgs (median)"
         )
         for listener, row in rows.items():
             rate, ratio, cpu = row["rate"], row["ratio"], row["milter_cpu_s_per_1000"]
-            user = row["milter_user_s_per_1000"]
-            cpu_text = f"{cpu['median']:.3f} {user['median']:.3f}" if cpu and user else "-"
+            user, postfix = row["milter_user_s_per_1000"], row.get("postfix_cpu_s_per_1000")
+            cpu_text = f"{cpu['median']:.3f} {user['median']:.3f}" if cpu and user else f"{'-':<11}"
+            postfix_text = f"{postfix['median']:.3f}" if postfix else "-"
             lines.append(
                 f"  {listener:<18} {rate['min']:>7.0f} {rate['median']:>7.0f} "
                 f"{rate['max']:>7.0f}   "
                 f"{ratio['min']:.3f} {ratio['median']:.3f} {ratio['max']:.3f}   {cpu_text}"
+                f"   {postfix_text}"
             )
     rss = ", ".join(f"{name} {value} MiB" for name, value in summary["peak_rss_mib"].items())
     lines.append(f"peak RSS: {rss}")
@@ -581,6 +767,12 @@ def report(summary: Dict[str, Any]) -> str:
         counts = summary["metrics_decisions"]
         lines.append(
             f"{METRICS_LISTENER}: {counts['counted']} decisions counted, {counts['judged']} judged"
+        )
+    if "policy_decisions" in summary:
+        counts = summary["policy_decisions"]
+        lines.append(
+            f"{POLICY_LISTENER}: {counts['logged']} decision lines logged, "
+            f"{counts['judged']} recipients judged"
         )
     return "\n".join(lines)
 
@@ -615,6 +807,12 @@ def main() -> int:
         help="run the Sendmail listeners too (default: yes)",
     )
     parser.add_argument(
+        "--listeners",
+        nargs="+",
+        metavar="NAME",
+        help="only these listeners, and the baseline of their MTA (default: all of them)",
+    )
+    parser.add_argument(
         "--compare",
         metavar="DIR",
         type=Path,
@@ -628,8 +826,19 @@ def main() -> int:
     compare = args.compare.resolve() if args.compare else None
     metrics = not args.smoke if args.metrics_listener is None else args.metrics_listener
     bench = Bench(
-        base, compare=compare, sessions=args.sessions, metrics=metrics, sendmail=args.sendmail
+        base,
+        compare=compare,
+        sessions=args.sessions,
+        metrics=metrics,
+        sendmail=args.sendmail,
+        only=frozenset(args.listeners) if args.listeners else None,
     )
+    unknown = (bench.only or frozenset()).difference(
+        bench.all_postfix_listeners + bench.all_sendmail_listeners
+    )
+    if unknown:
+        os.rmdir(base)
+        parser.error(f"no such listener here: {', '.join(sorted(unknown))}")
     runs: List[Run] = []
     try:
         bench.start()
@@ -641,17 +850,20 @@ def main() -> int:
                 for listener in order:
                     runs.append(bench.run(workload, listener, number, messages))
         summary = summarize(runs, bench.milters, bench.listeners)
-        if metrics:
+        if METRICS_LISTENER in bench.listeners:
             # The counters must equal the recipients the listener judged.
-            judged = sum(
-                r.messages * (len(W3_RECIPIENTS) if r.workload == "W3" else 1)
-                for r in runs
-                if r.listener == METRICS_LISTENER
-            )
+            judged = recipients_sent(runs, METRICS_LISTENER)
             counted = bench.counted_decisions()
             summary["metrics_decisions"] = {"judged": judged, "counted": counted}
             if counted != judged:
                 print(f"warning: {METRICS_LISTENER} counted {counted} of {judged}", file=sys.stderr)
+        if POLICY_LISTENER in bench.listeners:
+            # Every recipient of policy-unix went through the policy service, and only those.
+            judged = recipients_sent(runs, POLICY_LISTENER)
+            logged = bench.policy_decisions()
+            summary["policy_decisions"] = {"judged": judged, "logged": logged}
+            if logged != judged:
+                print(f"warning: {POLICY_LISTENER} logged {logged} of {judged}", file=sys.stderr)
     finally:
         bench.stop()
         if not args.keep:

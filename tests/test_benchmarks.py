@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from .support import REPO
 
 
@@ -46,6 +48,7 @@ def test_throughput_benchmark_smoke(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stdout + result.stderr
     figures = json.loads(out.read_text())
     listeners = {"baseline", "relay-unix", "relay-inet", "naive-unix", "floor-unix"}
+    listeners |= {"policy-unix", "floor-policy-unix"}
     listeners |= {"sendmail-baseline", "sendmail-relay-unix", "sendmail-relay-inet"}
     assert {(r["workload"], r["listener"]) for r in figures["runs"]} == {
         (w, listener) for w in ("W1", "W2", "W3") for listener in listeners
@@ -56,6 +59,13 @@ def test_throughput_benchmark_smoke(tmp_path: Path) -> None:
         "sendmail-baseline",
     }
     assert figures["summary"]["W1"]["sendmail-baseline"]["ratio"]["median"] == 1.0
+    # policy-unix's recipients all went through the policy service: one decision line each
+    # (W1 and W2 one a message, W3 five).
+    assert figures["summary"]["policy_decisions"] == {"judged": 20 + 20 + 100, "logged": 140}
+    # Postfix's CPU is read for its listeners only.
+    postfix_runs = [r for r in figures["runs"] if not r["listener"].startswith("sendmail-")]
+    assert all(r["postfix_cpu"] is not None for r in postfix_runs)
+    assert all(r["postfix_cpu"] is None for r in figures["runs"] if r not in postfix_runs)
 
 
 def test_latency_benchmark_smoke() -> None:
@@ -72,6 +82,8 @@ def test_latency_benchmark_smoke() -> None:
         "baseline",
         "relay-unix",
         "relay-inet",
+        "policy-unix",
+        "floor-policy-unix",
         "sendmail-baseline",
         "sendmail-relay-unix",
         "sendmail-relay-inet",
@@ -93,3 +105,22 @@ def test_sync_scale_benchmark_smoke(tmp_path: Path) -> None:
     assert figures["postgresql"]["first"]["domains"] == 60
     assert figures["ldap"]["first"]["domains"] == 30
     assert figures["reload"]["failed_answers"] == 0 and figures["reload"]["answers_during"] > 0
+
+
+@pytest.mark.parametrize("front", ["milter", "policy"])
+def test_rcpt_path_benchmark_smoke(front: str) -> None:
+    command = [sys.executable, str(REPO / "benchmarks" / "rcpt_path.py"), "--recipients", "100"]
+    result = subprocess.run(
+        [*command, "--front", front], capture_output=True, text=True, timeout=300, cwd=REPO
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    lines = result.stdout.splitlines()
+    assert len(lines) == 2 and all(f"({front}):" in line for line in lines), lines
+    profile = subprocess.run(
+        [*command, "--front", front, "--profile"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=REPO,
+    )
+    assert profile.returncode == 0 and "function calls" in profile.stdout, profile.stderr
