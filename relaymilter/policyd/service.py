@@ -92,27 +92,12 @@ class PolicyService(Service):
             raise StartError(f"cannot listen on {self.socket}: {reason(exc)}") from None
 
     def _bind_unix(self, path: str) -> None:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            sock.bind(path)
-            sock.listen(BACKLOG)
-        except OSError:
-            sock.close()
-            raise
-        self.listening = sock
+        self.listening = listening_socket(socket.AF_UNIX, path)
 
     def _bind_inet(self, spec: SocketSpec) -> None:
         family = socket.AF_INET6 if spec.family == "inet6" else socket.AF_INET
         address = socket.getaddrinfo(spec.host, spec.port, family, socket.SOCK_STREAM)[0][4]
-        sock = socket.socket(family, socket.SOCK_STREAM)
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.bind(address)
-            sock.listen(BACKLOG)
-        except OSError:
-            sock.close()
-            raise
-        self.listening = sock
+        self.listening = listening_socket(family, address, reuse_address=True)
 
     def self_check(self) -> Optional[SelfCheck]:
         return self._loop_answers
@@ -168,6 +153,20 @@ class PolicyService(Service):
     def _stop(self, stopped: asyncio.Event, number: int) -> None:
         logger.info("stopping (%s)", signal.Signals(number).name)
         stopped.set()
+
+
+def listening_socket(family: int, address: Any, reuse_address: bool = False) -> socket.socket:
+    """A stream socket bound to ``address`` and listening, closed again if either fails."""
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        if reuse_address:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+        sock.listen(BACKLOG)
+    except OSError:
+        sock.close()
+        raise
+    return sock
 
 
 def inherited_socket() -> Optional[socket.socket]:

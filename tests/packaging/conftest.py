@@ -28,6 +28,7 @@ import pytest
 from ..support import REPO, MilterSession
 from . import container
 from .container import Guest
+from .trees import SOURCE
 
 # Debian's tools and python3 first: never a pyenv or venv interpreter.
 SYSTEM_PATH = "/usr/sbin:/usr/bin:/sbin:/bin"
@@ -295,3 +296,15 @@ def wait_for_log(guest: Guest, mark: str, text: str, pid: str, timeout: float = 
         return found if any(text in message for message in found) else None
 
     return container.wait_for(logged, timeout, f"{text!r} from PID {pid}", interval=0.1)
+
+
+def run_tests_in(guest: Guest, venv: str, arguments: str, what: str) -> None:
+    """Run pytest on the guest's copy of the checkout with ``venv``'s Python; fail with its output."""
+    command = (
+        f"cd {SOURCE} && PYTHONPATH={SOURCE} PYTHONDONTWRITEBYTECODE=1"
+        f" {venv}/bin/python -m pytest -q -p no:cacheprovider {arguments}"
+    )
+    result = guest.run("/bin/sh", "-c", command, check=False, timeout=900)
+    summary = result.stdout.strip().splitlines()[-1:] or ["(no output)"]
+    container.log(f"{what}: {summary[0]}")
+    assert result.returncode == 0, result.stdout[-8000:] + result.stderr[-2000:]

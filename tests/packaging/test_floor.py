@@ -23,7 +23,7 @@ from typing import Dict, Iterator
 import pytest
 
 from . import container, dependencies
-from .conftest import GUEST_TIMES, require_root, require_tools
+from .conftest import GUEST_TIMES, require_root, require_tools, run_tests_in
 from .container import Guest
 from .trees import FLOOR_LAYERS, FLOOR_VENV, SOURCE, floor_recipe
 
@@ -63,11 +63,5 @@ def test_the_floor_is_what_is_installed(floor_guest: Guest) -> None:
 
 
 def test_the_layers_pass_on_the_floor(floor_guest: Guest) -> None:
-    command = (
-        f"cd {SOURCE} && PYTHONPATH={SOURCE} PYTHONDONTWRITEBYTECODE=1"
-        f" {FLOOR_VENV}/bin/python -m pytest -q -p no:cacheprovider -m 'not tools' {' '.join(FLOOR_LAYERS)}"
-    )
-    result = floor_guest.run("/bin/sh", "-c", command, check=False, timeout=900)
-    summary = result.stdout.strip().splitlines()[-1:] or ["(no output)"]
-    container.log(f"the floor's tests on Python 3.9: {summary[0]}")
-    assert result.returncode == 0, result.stdout[-8000:] + result.stderr[-2000:]
+    arguments = f"-m 'not tools' {' '.join(FLOOR_LAYERS)}"
+    run_tests_in(floor_guest, FLOOR_VENV, arguments, "the floor's tests on Python 3.9")

@@ -22,7 +22,7 @@ from typing import Iterator
 import pytest
 
 from . import container
-from .conftest import GUEST_TIMES, guest_label, require_root, require_tools
+from .conftest import GUEST_TIMES, guest_label, require_root, require_tools, run_tests_in
 from .container import Guest
 from .trees import HARNESS_TESTS, HARNESS_VENV, SOURCE, harness_recipe, other_releases
 
@@ -58,11 +58,5 @@ def test_the_servers_and_tools_are_the_releases(harness_guest: Guest) -> None:
 
 
 def test_the_harness_tests_pass_there(harness_guest: Guest) -> None:
-    command = (
-        f"cd {SOURCE} && PYTHONPATH={SOURCE} PYTHONDONTWRITEBYTECODE=1"
-        f" {HARNESS_VENV}/bin/python -m pytest -q -p no:cacheprovider {' '.join(HARNESS_TESTS)}"
-    )
-    result = harness_guest.run("/bin/sh", "-c", command, check=False, timeout=900)
-    summary = result.stdout.strip().splitlines()[-1:] or ["(no output)"]
-    container.log(f"the harness's tests in {harness_guest.base.name}: {summary[0]}")
-    assert result.returncode == 0, result.stdout[-8000:] + result.stderr[-2000:]
+    what = f"the harness's tests in {harness_guest.base.name}"
+    run_tests_in(harness_guest, HARNESS_VENV, " ".join(HARNESS_TESTS), what)

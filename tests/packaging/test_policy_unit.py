@@ -34,6 +34,8 @@ from .test_unit import (
     restarted,
 )
 from .test_unit import UNIT as MILTER
+from .test_unit import main_pid as unit_main_pid
+from .test_unit import state as unit_state
 
 pytestmark = pytest.mark.packaging
 
@@ -105,14 +107,11 @@ def ask(guest: Guest, attributes: Dict[str, str] = BOUNCE) -> str:
 
 
 def state(guest: Guest, unit: str = POLICY) -> str:
-    props = guest.props(unit, "ActiveState", "SubState")
-    return f"{props['ActiveState']}/{props['SubState']}"
+    return unit_state(guest, unit)
 
 
 def main_pid(guest: Guest) -> str:
-    pid = guest.prop(POLICY, "MainPID")
-    assert pid not in ("", "0"), f"{POLICY} has no main process ({state(guest)})"
-    return pid
+    return unit_main_pid(guest, POLICY)
 
 
 def policy_log(guest: Guest, mark: str, *args: str) -> List[Dict[str, str]]:

@@ -39,14 +39,14 @@ SECURITY_EXPOSURE = 1.2
 BROKEN_MODE = "mode: not-a-mode"
 
 
-def state(guest: Guest) -> str:
-    props = guest.props(UNIT, "ActiveState", "SubState")
+def state(guest: Guest, unit: str = UNIT) -> str:
+    props = guest.props(unit, "ActiveState", "SubState")
     return f"{props['ActiveState']}/{props['SubState']}"
 
 
-def main_pid(guest: Guest) -> str:
-    pid = guest.prop(UNIT, "MainPID")
-    assert pid not in ("", "0"), f"{UNIT} has no main process ({state(guest)})"
+def main_pid(guest: Guest, unit: str = UNIT) -> str:
+    pid = guest.prop(unit, "MainPID")
+    assert pid not in ("", "0"), f"{unit} has no main process ({state(guest, unit)})"
     return pid
 
 
