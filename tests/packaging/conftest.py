@@ -216,21 +216,27 @@ def service(installed: Guest) -> Guest:
     Undoes what earlier tests left: drop-ins in /run, an edited configuration,
     a failed or stopped unit. Restarts only if something had changed.
     """
-    changed = False
-    if installed.exists(TEST_DROP_INS):
-        installed.run("rm", "-rf", TEST_DROP_INS)
-        installed.run("systemctl", "daemon-reload")
-        changed = True
-    shipped = installed.read(SHIPPED_CONF)
-    if installed.read(CONF) != shipped:
-        installed.write(CONF, shipped)  # in place: owner and mode stay
-        changed = True
+    changed = restore_shipped(installed, TEST_DROP_INS)
     state = installed.props("relaymilter.service", "ActiveState", "SubState")
     if state != {"ActiveState": "active", "SubState": "running"}:
         changed = True
     if changed:
         restart(installed)
     return installed
+
+
+def restore_shipped(guest: Guest, drop_ins: str) -> bool:
+    """Remove a test's drop-ins and put the shipped configuration back; whether either was off."""
+    changed = False
+    if guest.exists(drop_ins):
+        guest.run("rm", "-rf", drop_ins)
+        guest.run("systemctl", "daemon-reload")
+        changed = True
+    shipped = guest.read(SHIPPED_CONF)
+    if guest.read(CONF) != shipped:
+        guest.write(CONF, shipped)  # in place: owner and mode stay
+        changed = True
+    return changed
 
 
 def restart(

@@ -23,7 +23,7 @@ from typing import Dict, Iterator, List, Optional
 import pytest
 
 from ..support import PolicyClient
-from .conftest import CONF, SHIPPED_CONF
+from .conftest import CONF, SHIPPED_CONF, restore_shipped
 from .container import Guest, wait_for
 from .test_unit import (
     BROKEN_MODE,
@@ -163,15 +163,7 @@ def policy(installed: Guest) -> Guest:
     the next request starts it on the shipped files.
     """
     guest = installed
-    changed = False
-    if guest.exists(POLICY_DROP_INS):
-        guest.run("rm", "-rf", POLICY_DROP_INS)
-        guest.run("systemctl", "daemon-reload")
-        changed = True
-    shipped = guest.read(SHIPPED_CONF)
-    if guest.read(CONF) != shipped:
-        guest.write(CONF, shipped)  # in place: owner and mode stay
-        changed = True
+    changed = restore_shipped(guest, POLICY_DROP_INS)
     if changed or guest.prop(POLICY, "ActiveState") not in ("active", "inactive"):
         stop_policy(guest)
     guest.run("systemctl", "reset-failed", SOCKET_UNIT, check=False)
